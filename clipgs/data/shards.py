@@ -1,0 +1,125 @@
+"""webdataset shards: the sample layout, writing a shard whole, the manifest, and reading.
+
+A sample is ``{key}.gaussians.npy`` (float32 [M, 14], activated), ``{key}.views.npy`` (uint8
+[K, H, W, 3]), ``{key}.img_emb.npy`` (float16 [K, D]), ``{key}.txt_emb.npy`` (float16 [D]) and
+``{key}.json`` (caption, label, split, source). Decoding never unpickles: only ``.npy`` with
+``allow_pickle=False`` and JSON are read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import time
+from typing import Iterator
+
+import numpy as np
+
+from clipgs.data import storage
+from clipgs.errors import StorageError, TeacherMismatchError
+
+MANIFEST = "manifest.json"
+REJECTS = "rejects.jsonl"
+FORMAT_VERSION = 1
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_sample(key: str, gaussians: np.ndarray, views: np.ndarray, img_emb: np.ndarray,
+                  txt_emb: np.ndarray, meta: dict) -> dict[str, bytes]:
+    return {
+        f"{key}.gaussians.npy": npy_bytes(gaussians.astype(np.float32)),
+        f"{key}.views.npy": npy_bytes(views.astype(np.uint8)),
+        f"{key}.img_emb.npy": npy_bytes(img_emb.astype(np.float16)),
+        f"{key}.txt_emb.npy": npy_bytes(txt_emb.astype(np.float16)),
+        f"{key}.json": json.dumps(meta).encode(),
+    }
+
+
+def tar_bytes(members: list[dict[str, bytes]]) -> bytes:
+    """A tar of samples, members in order (webdataset groups consecutive files by key)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in members:
+            for name, data in sample.items():
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def decode_sample(sample: dict) -> dict:
+    """webdataset's raw sample (bytes per extension) -> numpy arrays and metadata."""
+    out = {"key": sample["__key__"]}
+    for ext in ("gaussians.npy", "views.npy", "img_emb.npy", "txt_emb.npy"):
+        if ext not in sample:
+            raise StorageError(f"{sample.get('__url__', '?')}: sample {sample['__key__']} "
+                               f"has no '{ext}'")
+        out[ext[:-4]] = np.load(io.BytesIO(sample[ext]), allow_pickle=False)
+    out["meta"] = json.loads(sample["json"])
+    return out
+
+
+def read_manifest(dataset: str) -> dict:
+    url = storage.join(dataset, MANIFEST)
+    if not storage.exists(url):
+        raise StorageError(f"{url}: no manifest - ingestion has not finished for {dataset} "
+                           "(run `clipgs ingest` first)")
+    manifest = json.loads(storage.read_bytes(url))
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise StorageError(f"{url}: format_version {manifest.get('format_version')}; expected "
+                           f"{FORMAT_VERSION}")
+    return manifest
+
+
+def manifest_checksum(manifest: dict) -> str:
+    return sha256(json.dumps(manifest, sort_keys=True).encode())
+
+
+def shard_urls(dataset: str, manifest: dict, split: str) -> list[str]:
+    shards = manifest["splits"].get(split, {}).get("shards", [])
+    return [storage.join(dataset, s["name"]) for s in shards if s["count"] > 0]
+
+
+def check_teacher(manifest: dict, teacher_identity: dict, dataset: str) -> None:
+    if manifest["teacher"]["sha256"] != teacher_identity["sha256"]:
+        raise TeacherMismatchError(
+            f"{dataset} was ingested with teacher sha256 {manifest['teacher']['sha256'][:12]}, "
+            f"the model expects {teacher_identity['sha256'][:12]}; re-ingest with the same "
+            "teacher")
+
+
+def _open_s3(url: str, mode: str = "rb", bufsize: int = 8192):
+    bucket, key = storage._split(url)
+    return storage.s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+
+
+def register_s3_scheme() -> None:
+    """Let webdataset stream ``s3://`` shards through boto3 (no ``aws`` CLI needed)."""
+    import importlib
+
+    importlib.import_module("webdataset.gopen").gopen_schemes["s3"] = _open_s3
+
+
+def iterate(urls: list[str]) -> Iterator[dict]:
+    """Every sample of the given shards, in order, decoded (for evaluation)."""
+    import webdataset as wds
+
+    register_s3_scheme()
+    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(),
+                                wds.map(decode_sample))
+    yield from pipeline
+
+
+def timestamp() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

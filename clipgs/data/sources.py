@@ -1,0 +1,187 @@
+"""From what users have to gaussian objects with text: the sources of method.md section 6.
+
+A source is a folder or ``s3://`` prefix. What is in it decides how each object is read:
+
+- ``*.ply`` / ``*.splat`` 3DGS files, with sidecars: ``meta.json`` (title, tags, optional label
+  and split) when the file is alone in its folder, or ``<stem>.json`` / ``<stem>.txt``; and
+  ``thumb.png`` / ``<stem>.png`` as an extra view;
+- ``*.npz`` labelled occupancy grids (``X_train``, ``y_train``, ``X_test``, ``y_test``, as
+  ModelNet10): occupied surface voxels become gaussians, text "a 3D model of a {class}".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from clipgs.data.formats import FORMATS, read_gaussians
+from clipgs.data.gaussians import GaussianCloud
+from clipgs.data.storage import list_files, read_bytes
+from clipgs.errors import GaussianFormatError
+
+MODELNET10_CLASSES = ("bathtub", "bed", "chair", "desk", "dresser", "monitor", "night_stand",
+                      "sofa", "table", "toilet")
+PROMPT = "a 3D model of a {}"
+TEST_FRACTION = 0.2
+
+
+@dataclass
+class Asset:
+    """One object to ingest: how to load its gaussians, its text, label, split and images."""
+
+    key: str  # unique, safe as a webdataset key (no dots)
+    source: str
+    caption: str
+    split: str  # "train" or "test"
+    load: Callable[[], GaussianCloud]
+    label: str | None = None
+    image_urls: list[str] = field(default_factory=list)
+
+
+def safe_key(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")
+
+
+def hashed_split(key: str) -> str:
+    digest = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16)
+    return "test" if digest % 1000 < TEST_FRACTION * 1000 else "train"
+
+
+def class_text(label: str) -> str:
+    return label.replace("_", " ")
+
+
+def _sidecar_text(meta: dict, fallback: str) -> str:
+    title = str(meta.get("caption") or meta.get("title") or fallback)
+    tags = [str(t) for t in meta.get("tags", []) if str(t).lower() != title.lower()]
+    text = title if title.lower().startswith(("a ", "an ", "the ")) else PROMPT.format(
+        title.lower())
+    return f"{text}, tagged {', '.join(tags)}" if tags else text
+
+
+def _gaussian_assets(files: list[str], root: str) -> list[Asset]:
+    by_dir: dict[str, list[str]] = defaultdict(list)
+    for f in files:
+        by_dir[posixpath.dirname(f)].append(f)
+    assets = []
+    for f in files:
+        folder, name = posixpath.split(f)
+        stem, suffix = posixpath.splitext(name)
+        if suffix.lower() not in FORMATS:
+            continue
+        siblings = set(by_dir[folder])
+        alone = sum(posixpath.splitext(s)[1].lower() in FORMATS for s in siblings) == 1
+        meta, caption = {}, None
+        for candidate in [posixpath.join(folder, stem + ".json")] + (
+                [posixpath.join(folder, "meta.json")] if alone else []):
+            if candidate in siblings:
+                try:
+                    meta = json.loads(read_bytes(candidate))
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    meta = {"_error": f"{candidate}: not valid JSON ({exc})"}
+                break
+        txt = posixpath.join(folder, stem + ".txt")
+        if txt in siblings:
+            caption = read_bytes(txt).decode("utf-8", "replace").strip()
+        base = re.sub(r"_\d+k$", "", stem)  # boat_10k -> boat
+        caption = caption or _sidecar_text(meta, base.replace("_", " "))
+        images = [posixpath.join(folder, n) for n in (stem + ".png", "thumb.png")
+                  if posixpath.join(folder, n) in siblings and (n != "thumb.png" or alone)]
+        rel = posixpath.relpath(f, root) if f != root else name
+        # an object alone in its folder is named by the folder (splats/boat/boat_10k -> boat)
+        rel = posixpath.dirname(rel) if alone and posixpath.dirname(rel) else rel
+        key = safe_key(posixpath.splitext(rel)[0] if not alone else rel)
+        split = meta.get("split") if meta.get("split") in ("train", "test") else hashed_split(key)
+
+        def load(url=f, meta=meta) -> GaussianCloud:
+            if "_error" in meta:
+                raise GaussianFormatError(url, meta["_error"])
+            return read_gaussians(read_bytes(url), url)
+
+        assets.append(Asset(key=key, source=f, caption=caption, split=split, load=load,
+                            label=meta.get("label"), image_urls=images))
+    return assets
+
+
+def voxels_to_gaussians(grid: np.ndarray) -> GaussianCloud:
+    """Occupied surface voxels of a [D, H, W] occupancy grid to gaussians, shaded by a fixed
+    light through the occupancy gradient so that rendered views show the shape."""
+    occ = grid > 0
+    if not occ.any():
+        raise ValueError("empty occupancy grid")
+    padded = np.pad(occ, 1)
+    interior = np.ones_like(occ)
+    for axis in range(3):
+        for shift in (-1, 1):
+            interior &= np.roll(padded, shift, axis=axis)[1:-1, 1:-1, 1:-1]
+    surface = occ & ~interior
+    idx = np.argwhere(surface).astype(np.float32)
+    grad = np.stack(np.gradient(padded.astype(np.float32)), axis=-1)[1:-1, 1:-1, 1:-1]
+    normal = -grad[surface]
+    normal /= np.linalg.norm(normal, axis=1, keepdims=True) + 1e-6
+    light = np.array([0.4, 0.3, 0.85], np.float32)
+    shade = 0.35 + 0.55 * np.clip(normal @ (light / np.linalg.norm(light)), 0, 1)
+    n = len(idx)
+    return GaussianCloud.from_activated(
+        xyz=idx + 0.5, rgb=np.repeat(shade[:, None], 3, axis=1),
+        opacity=np.full(n, 0.9, np.float32), scale=np.full((n, 3), 0.6, np.float32),
+        rotation=np.tile(np.array([1, 0, 0, 0], np.float32), (n, 1)))
+
+
+def _grid_assets(url: str, root: str, limit: int | None) -> list[Asset]:
+    data = np.load(io.BytesIO(read_bytes(url)), allow_pickle=False)
+    missing = [k for k in ("X_train", "y_train", "X_test", "y_test") if k not in data.files]
+    if missing:
+        raise GaussianFormatError(url, f"missing arrays {missing}; expected X_train, y_train, "
+                                  "X_test, y_test", field=missing[0])
+    if "classes" in data.files:
+        classes = [str(c) for c in data["classes"]]
+    elif int(max(data["y_train"].max(), data["y_test"].max())) < len(MODELNET10_CLASSES):
+        classes = list(MODELNET10_CLASSES)
+    else:
+        raise GaussianFormatError(url, "no 'classes' array and labels beyond ModelNet10's "
+                                  "ten; expected class names", field="classes")
+    prefix = safe_key(posixpath.splitext(posixpath.relpath(url, root) if url != root
+                                         else posixpath.basename(url))[0])
+    assets = []
+    for split in ("train", "test"):
+        X, y = data[f"X_{split}"], data[f"y_{split}"]
+        index = np.arange(len(X))
+        if limit is not None and limit < len(X):  # evenly spaced keeps the class balance
+            index = np.unique(np.linspace(0, len(X) - 1, limit).round().astype(int))
+        for i in index:
+            label = classes[int(y[i])]
+
+            def load(grid=X[i]) -> GaussianCloud:
+                return voxels_to_gaussians(grid)
+
+            assets.append(Asset(key=f"{prefix}_{split}_{i:05d}", source=f"{url}#{split}/{i}",
+                                caption=PROMPT.format(class_text(label)), split=split,
+                                load=load, label=label))
+    return assets
+
+
+def discover(source: str, limit: int | None = None) -> list[Asset]:
+    """Every object in a folder, file or ``s3://`` prefix, sorted by key."""
+    files = list_files(source)
+    root = source.rstrip("/") if len(files) != 1 or files[0] != source else posixpath.dirname(
+        source)
+    assets = _gaussian_assets(files, root)
+    for f in files:
+        if f.lower().endswith(".npz"):
+            assets += _grid_assets(f, root, limit)
+    seen: dict[str, str] = {}
+    for a in assets:
+        if a.key in seen:
+            raise GaussianFormatError(a.source, f"same key '{a.key}' as {seen[a.key]}; rename "
+                                      "one of them")
+        seen[a.key] = a.source
+    return sorted(assets, key=lambda a: a.key)

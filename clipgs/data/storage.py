@@ -1,0 +1,128 @@
+"""One interface over local folders and ``s3://`` (boto3; the endpoint comes from the standard
+``AWS_ENDPOINT_URL``, so MinIO, Ceph or moto work the same). Writes are whole-or-nothing:
+a local file appears under its name only when complete, an S3 object only when uploaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from pathlib import Path
+from urllib.parse import urlparse
+
+from clipgs.errors import StorageError
+
+
+def is_s3(url: str) -> bool:
+    return str(url).startswith("s3://")
+
+
+def join(base: str, *names: str) -> str:
+    base = str(base)
+    if is_s3(base):
+        return "/".join([base.rstrip("/"), *[n.strip("/") for n in names]])
+    return str(Path(base.removeprefix("file://"), *names))
+
+
+def _local(url: str) -> Path:
+    return Path(str(url).removeprefix("file://"))
+
+
+def _split(url: str) -> tuple[str, str]:
+    parsed = urlparse(url)
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+@functools.lru_cache(maxsize=None)
+def _client_for_pid(pid: int):  # one client per process: boto3 clients are not fork-safe
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", config=Config(retries={"max_attempts": 5, "mode": "standard"}))
+
+
+def s3_client():
+    return _client_for_pid(os.getpid())
+
+
+def read_bytes(url: str) -> bytes:
+    try:
+        if is_s3(url):
+            bucket, key = _split(url)
+            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        return _local(url).read_bytes()
+    except Exception as exc:
+        raise StorageError(f"{url}: cannot read ({exc})") from None
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write atomically: a reader never sees a half-written object under ``url``."""
+    if is_s3(url):
+        upload_file_bytes(url, data)
+        return
+    path = _local(url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def upload_file_bytes(url: str, data: bytes) -> None:
+    import io
+
+    from boto3.s3.transfer import TransferConfig
+
+    bucket, key = _split(url)
+    # multipart above 64 MiB; boto3 aborts a failed multipart upload, so no partial object shows
+    config = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20)
+    try:
+        s3_client().upload_fileobj(io.BytesIO(data), bucket, key, Config=config)
+    except Exception as exc:
+        raise StorageError(f"{url}: cannot write ({exc})") from None
+
+
+def exists(url: str) -> bool:
+    if is_s3(url):
+        bucket, key = _split(url)
+        try:
+            s3_client().head_object(Bucket=bucket, Key=key)
+            return True
+        except Exception:
+            return False
+    return _local(url).exists()
+
+
+def list_files(url: str) -> list[str]:
+    """Every file under a folder or ``s3://`` prefix, as full URLs/paths, sorted."""
+    if is_s3(url):
+        bucket, prefix = _split(url)
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        out = []
+        try:
+            for page in s3_client().get_paginator("list_objects_v2").paginate(
+                Bucket=bucket, Prefix=prefix
+            ):
+                out += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", [])]
+        except Exception as exc:
+            raise StorageError(f"{url}: cannot list ({exc})") from None
+        return sorted(out)
+    root = _local(url)
+    if root.is_file():
+        return [str(root)]
+    if not root.is_dir():
+        raise StorageError(f"{url}: no such file or folder")
+    return sorted(str(p) for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def remove(url: str) -> None:
+    if is_s3(url):
+        bucket, key = _split(url)
+        s3_client().delete_object(Bucket=bucket, Key=key)
+    else:
+        _local(url).unlink(missing_ok=True)

@@ -1,0 +1,86 @@
+"""The trained model as a self-describing folder: ``encoder.safetensors`` (fp32 weights, never
+pickled) and ``clipgs.json`` (model config, output width, points per object, the teacher's
+identity and the training data's manifest checksum). Training writes it; evaluation, the
+registry, the MLflow pyfunc and ``clipgs embed`` read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from clipgs.config import ModelConfig
+from clipgs.errors import ConfigError
+from clipgs.models.encoder import GSEncoder
+from clipgs.models.tokenizer import group_numpy
+
+WEIGHTS, META = "encoder.safetensors", "clipgs.json"
+
+
+@dataclass
+class ModelPackage:
+    encoder: GSEncoder
+    meta: dict
+    path: str
+
+    @property
+    def points(self) -> int:
+        return int(self.meta["points"])
+
+    @torch.no_grad()
+    def embed_points(self, batch: list[np.ndarray]) -> np.ndarray:
+        """Activated, resampled objects [M, 14] each -> unit embeddings [n, D]."""
+        cfg = self.encoder.config
+        grouped = [group_numpy(p, cfg.groups, cfg.group_size) for p in batch]
+        patches = torch.from_numpy(np.stack([g[0] for g in grouped]))
+        centres = torch.from_numpy(np.stack([g[1] for g in grouped]))
+        out = self.encoder(patches, centres)
+        return torch.nn.functional.normalize(out, dim=-1).numpy()
+
+
+def save_package(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in state_dict.items()
+               if v.is_floating_point()}
+    tensors.update({k: v.detach().contiguous().cpu() for k, v in state_dict.items()
+                    if not v.is_floating_point()})
+    save_file(tensors, str(path / WEIGHTS))
+    (path / META).write_text(json.dumps(meta, indent=1))
+    return path
+
+
+def resolve(uri: str) -> Path:
+    """A local folder, ``runs:/<id>/<path>`` or ``models:/<name>@<alias>`` / ``/<version>``."""
+    if os.path.isdir(uri):
+        return Path(uri)
+    if uri.startswith(("runs:/", "models:/")):
+        import mlflow
+
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        for candidate in (local, local / "artifacts" / "package", local / "package"):
+            if (candidate / META).exists():
+                return candidate
+        raise ConfigError(f"{uri}: no {META} in the downloaded artifacts")
+    raise ConfigError(f"{uri}: not a model folder, runs:/ or models:/ URI")
+
+
+def load_package(uri: str) -> ModelPackage:
+    path = resolve(uri)
+    if not (path / META).exists() or not (path / WEIGHTS).exists():
+        raise ConfigError(f"{path}: expected {META} and {WEIGHTS} (a `clipgs train` output)")
+    meta = json.loads((path / META).read_text())
+    encoder = GSEncoder(ModelConfig(**meta["model"]), meta["embed_dim"])
+    state = load_file(str(path / WEIGHTS))
+    state = {k.removeprefix("encoder."): v for k, v in state.items() if k != "logit_scale"}
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{path}: weights do not fit the model config: missing "
+                          f"{missing[:5]}, unexpected {unexpected[:5]}")
+    return ModelPackage(encoder.eval(), meta, str(path))

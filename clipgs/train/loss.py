@@ -1,0 +1,70 @@
+"""The CLIP-GS losses (method.md section 5), with features gathered across ranks in one place.
+
+As open_clip's ``ClipLoss(local_loss=True, gather_with_grad=True)``: each rank scores its own
+rows against the global batch, so the negatives are the global batch and gradients flow back
+through the gather to the rank that made each feature.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from clipgs.config import LossConfig
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+
+
+def _rank_offset(local: int) -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() * local
+    return 0
+
+
+def contrastive(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+                weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE of local rows of ``a`` and ``b`` (normalised, [n, D]) against the
+    gathered batch: 1/2 [Contra(a_i, B) + Contra(b_i, A)], optionally weighted per row."""
+    all_a, all_b = gather_with_grad(a), gather_with_grad(b)
+    target = torch.arange(len(a), device=a.device) + _rank_offset(len(a))
+    loss_a = F.cross_entropy(scale * a @ all_b.T, target, reduction="none")
+    loss_b = F.cross_entropy(scale * b @ all_a.T, target, reduction="none")
+    per_row = 0.5 * (loss_a + loss_b)
+    if weight is None:
+        return per_row.mean()
+    return (per_row * weight).sum() / len(a)
+
+
+def view_weights(img: torch.Tensor, txt: torch.Tensor, mode: str) -> torch.Tensor:
+    """[n, K] weights over each object's K views that sum to 1 per object.
+
+    ``mean``: uniform; ``random``: one random view (Uni3D/OpenShape's baseline)."""
+    n, k, _ = img.shape
+    if mode == "mean":
+        return torch.full((n, k), 1.0 / k, device=img.device)
+    if mode == "random":
+        pick = torch.randint(0, k, (n,), device=img.device)
+        return F.one_hot(pick, k).to(img.dtype)
+    raise ValueError(f"loss.image_views={mode!r}; expected 'mean' or 'random'")
+
+
+class ClipGSLoss(nn.Module):
+    def __init__(self, config: LossConfig):
+        super().__init__()
+        self.config = config
+
+    def forward(self, g: torch.Tensor, txt: torch.Tensor, img: torch.Tensor,
+                scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        """g [n, D] 3DGS embeddings; txt [n, D]; img [n, K, D] teacher embeddings (unit norm)."""
+        g = F.normalize(g, dim=-1)
+        text = contrastive(g, txt, scale)
+        w = view_weights(img, txt, self.config.image_views)
+        image = sum(contrastive(g, img[:, k], scale, w[:, k]) for k in range(img.shape[1]))
+        total = self.config.text_weight * text + self.config.image_weight * image
+        return {"loss": total, "loss_text": text, "loss_image": image}
