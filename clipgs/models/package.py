@@ -79,7 +79,11 @@ def load_package(uri: str) -> ModelPackage:
     encoder = GSEncoder(ModelConfig(**meta["model"]), meta["embed_dim"])
     state = load_file(str(path / WEIGHTS))
     state = {k.removeprefix("encoder."): v for k, v in state.items() if k != "logit_scale"}
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = encoder.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise ConfigError(f"{path}: weights do not fit the model config in {META}: "
+                          f"{str(exc).splitlines()[1].strip()}") from None
     if missing or unexpected:
         raise ConfigError(f"{path}: weights do not fit the model config: missing "
                           f"{missing[:5]}, unexpected {unexpected[:5]}")

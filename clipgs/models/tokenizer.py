@@ -3,8 +3,8 @@ nearest gaussians of each; neighbour positions become relative to their centre.
 
 Two paths that give the same groups: a CPU path for data-loader workers (fpsample's exact bucket
 FPS + scipy's cKDTree) and a batched torch path for the GPU. fpsample's bucket FPS picks its own
-first centre (it does not honour ``start_idx``); given that first index, the torch path picks
-the same centres in the same order.
+first centre (``start_idx`` indexes its kd-ordered points, not ours); given that first index,
+the torch path picks the same centres in the same order.
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ XYZ = SLICES["xyz"]
 def fps_numpy(xyz: np.ndarray, groups: int) -> np.ndarray:
     """Exact farthest point sampling of [M, 3] -> [G] indices, in sampling order."""
     height = 5 if len(xyz) < 4096 else 7  # fpsample's advice: 5-7, deeper for more points
+    height = min(height, int(np.log2(len(xyz))))
+    # start_idx must be given: with None fpsample starts at a random point (nondeterministic
+    # embeddings); with 0 its (kd-ordered) first centre is fixed.
     return fpsample.bucket_fps_kdline_sampling(np.ascontiguousarray(xyz, dtype=np.float32),
-                                               groups, h=height).astype(np.int64)
+                                               groups, h=height, start_idx=0).astype(np.int64)
 
 
 def group_numpy(points: np.ndarray, groups: int, group_size: int

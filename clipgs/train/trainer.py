@@ -141,7 +141,7 @@ def run(config: TrainConfig) -> dict:
         if dist_info.is_main and (step % config.log_every == 0 or step == config.steps):
             elapsed = time.time() - window_start
             window_start = time.time()
-            metrics = {k: float(v) for k, v in out.items()}
+            metrics = {k: float(v.detach()) for k, v in out.items()}
             metrics.update(lr=scheduler.get_last_lr()[0],
                            samples_per_s=samples_per_step * config.log_every / max(elapsed, 1e-9),
                            grad_norm=float(engine.get_global_grad_norm() or 0.0))

@@ -1,0 +1,211 @@
+"""The ``clipgs`` command. ``main(argv)`` takes an argument list, so tests run the real entry
+points. Every expected failure is one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from clipgs.errors import ClipgsError
+
+DEFAULT_TRACKING = "sqlite:///mlflow.db"
+
+
+def _tracking(args) -> str:
+    return args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING
+
+
+def cmd_inspect(args) -> int:
+    from clipgs.data.formats import load_gaussians, summarize
+
+    for path in args.files:
+        summary = summarize(load_gaussians(path))
+        print(json.dumps({"file": path, **summary}))
+    return 0
+
+
+def cmd_render(args) -> int:
+    from clipgs.data.formats import load_gaussians
+    from clipgs.data.views import render, ring_cameras, to_png
+
+    points = load_gaussians(args.file).activated()
+    image = (render(points, ring_cameras(args.views)[args.view], args.size) * 255).byte()
+    with open(args.out, "wb") as f:
+        f.write(to_png(image.numpy()))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from clipgs.config import IngestConfig, load_config
+    from clipgs.data.ingest import ingest
+
+    config = load_config(IngestConfig, args.config, args.overrides)
+    result = ingest(args.source, args.output, config)
+    m = result.manifest
+    print(json.dumps({"output": args.output, "train": m["splits"]["train"]["count"],
+                      "test": m["splits"]["test"]["count"], "rejected": m["rejected"],
+                      "shards_written": result.written_shards,
+                      "shards_skipped": result.skipped_shards}))
+    for r in result.rejects:
+        print(f"rejected {r['source']}: {r['error']}", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from clipgs.train.launch import train
+
+    overrides = list(args.overrides)
+    if args.tracking_uri:
+        overrides.append(f"tracking.tracking_uri={args.tracking_uri}")
+    print(json.dumps(train(args.config, overrides, args.nproc)))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from clipgs.config import EvalConfig, load_config
+    from clipgs.eval.evaluate import evaluate, log_to_mlflow
+
+    config = load_config(EvalConfig, args.config, args.overrides)
+    if args.model.startswith(("models:/", "runs:/")) or args.run_id:
+        import mlflow
+
+        mlflow.set_tracking_uri(_tracking(args))
+    result = evaluate(args.model, args.data, config)
+    if args.run_id or args.log:
+        log_to_mlflow(result, args.run_id, _tracking(args))
+    print(json.dumps(result["metrics"]))
+    return 0
+
+
+def cmd_register(args) -> int:
+    from clipgs.registry.registry import register
+
+    version = register(args.run_id, _tracking(args), args.name)
+    print(json.dumps({"name": args.name, "version": version, "alias": "challenger"}))
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from clipgs.config import PromoteConfig
+    from clipgs.registry.registry import promote
+
+    decision = promote(args.name, args.data, _tracking(args),
+                       PromoteConfig(metric=args.metric, margin=args.margin), args.version)
+    print(json.dumps(decision))
+    return 0
+
+
+def cmd_embed(args) -> int:
+    import numpy as np
+
+    if args.model.startswith(("models:/", "runs:/")):
+        import mlflow
+
+        mlflow.set_tracking_uri(_tracking(args))
+    from clipgs.embed import embed_files
+
+    emb = embed_files(args.files, args.model)
+    if args.out:
+        np.save(args.out, emb)
+    for f, e in zip(args.files, emb):
+        print(json.dumps({"file": f, "dim": len(e), "embedding": [round(float(v), 5) for v in e]
+                          if args.full else [round(float(v), 4) for v in e[:6]] + ["..."]}))
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    try:
+        from flows.pipeline import retrain_pipeline
+    except ImportError as exc:
+        raise ClipgsError(f"`clipgs pipeline` needs the flows package and Prefect ({exc})")
+    overrides = list(args.overrides)
+    if args.source:
+        overrides.append(f"source={args.source}")
+    if args.workdir:
+        overrides.append(f"workdir={args.workdir}")
+    summary = retrain_pipeline(config_path=args.config, overrides=overrides,
+                               tracking_uri=_tracking(args))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("clipgs", description="CLIP-GS: 3DGS objects embedded in "
+                                "CLIP space, from ingestion to a served model.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, fn, help_text, tracking=False, overrides=False):
+        s = sub.add_parser(name, help=help_text, description=help_text)
+        s.set_defaults(fn=fn)
+        if tracking:
+            s.add_argument("--tracking-uri", help=f"MLflow (default $MLFLOW_TRACKING_URI or "
+                           f"{DEFAULT_TRACKING})")
+        if overrides:
+            s.add_argument("--config", help="YAML config file")
+            s.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+        return s
+
+    s = add("inspect", cmd_inspect, "read and validate 3DGS files, print a summary of each")
+    s.add_argument("files", nargs="+")
+    s = add("render", cmd_render, "render one view of a 3DGS file to a PNG")
+    s.add_argument("file")
+    s.add_argument("--out", required=True)
+    s.add_argument("--size", type=int, default=256)
+    s.add_argument("--views", type=int, default=4)
+    s.add_argument("--view", type=int, default=0)
+    s = add("ingest", cmd_ingest, "assets (folder or s3://) to webdataset shards + manifest",
+            overrides=True)
+    s.add_argument("source")
+    s.add_argument("output")
+    s = add("train", cmd_train, "one DeepSpeed training run (spawns --nproc local ranks)",
+            tracking=True, overrides=True)
+    s.add_argument("--nproc", type=int)
+    s = add("evaluate", cmd_evaluate, "zero-shot and retrieval metrics of a model on shards",
+            tracking=True, overrides=True)
+    s.add_argument("--model", required=True, help="model folder, runs:/ or models:/ URI")
+    s.add_argument("--data", required=True, help="shard set (folder or s3://)")
+    s.add_argument("--run-id", help="log the metrics to this MLflow run")
+    s.add_argument("--log", action="store_true", help="log to a new MLflow run")
+    s = add("register", cmd_register, "register a training run's model, alias challenger",
+            tracking=True)
+    s.add_argument("--run-id", required=True)
+    s.add_argument("--name", default="clipgs")
+    s = add("promote", cmd_promote, "move champion to the challenger if it is better",
+            tracking=True)
+    s.add_argument("--name", default="clipgs")
+    s.add_argument("--data", required=True, help="shard set both models are evaluated on")
+    s.add_argument("--version", help="default: the challenger alias")
+    s.add_argument("--metric", default="zeroshot_top1")
+    s.add_argument("--margin", type=float, default=0.0)
+    s = add("embed", cmd_embed, "embeddings of 3DGS files with a model", tracking=True)
+    s.add_argument("files", nargs="+")
+    s.add_argument("--model", default="models:/clipgs@champion")
+    s.add_argument("--out", help="save the embeddings as .npy")
+    s.add_argument("--full", action="store_true", help="print every dimension")
+    s = add("pipeline", cmd_pipeline, "ingest -> train -> evaluate -> register/promote as one "
+            "Prefect flow", tracking=True, overrides=True)
+    s.add_argument("--source", help="assets (folder or s3://); default: generated primitives")
+    s.add_argument("--workdir", help="where shards and checkpoints go (default ./work)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "alembic", "urllib3"):  # request-by-request chatter
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.fn(args)
+    except ClipgsError as exc:
+        print(f"clipgs {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
