@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,7 +59,9 @@ class LossConfig(_Strict):
 
 
 class TrackingConfig(_Strict):
-    tracking_uri: str = "sqlite:///mlflow.db"
+    # the standard MLFLOW_TRACKING_URI wins over the embedded default (a cluster sets it)
+    tracking_uri: str = Field(default_factory=lambda: os.environ.get(
+        "MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
     experiment: str = "clipgs"
     run_name: str | None = None
 

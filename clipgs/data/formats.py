@@ -40,7 +40,9 @@ def _check_finite(path: str, name: str, values: np.ndarray) -> None:
         )
 
 
-def _normalise_rotation(path: str, rotation: np.ndarray, tolerance: float) -> np.ndarray:
+def _check_rotation(path: str, rotation: np.ndarray, tolerance: float) -> None:
+    """Zero quaternions are an error; others off unit length earn a warning. The stored values
+    are kept as they are (lossless writing); ``GaussianCloud.activated`` normalises them."""
     norm = np.linalg.norm(rotation, axis=1)
     if (norm == 0).any():
         raise GaussianFormatError(
@@ -51,7 +53,6 @@ def _normalise_rotation(path: str, rotation: np.ndarray, tolerance: float) -> np
     if off.any():
         log.warning("%s: %d of %d quaternions are not unit length; normalised",
                     path, int(off.sum()), len(rotation))
-    return (rotation / norm[:, None]).astype(np.float32)
 
 
 def _finish(path: str, cloud: GaussianCloud, tolerance: float = 1e-3) -> GaussianCloud:
@@ -61,7 +62,7 @@ def _finish(path: str, cloud: GaussianCloud, tolerance: float = 1e-3) -> Gaussia
         raise GaussianFormatError(path, "zero gaussians; expected at least one")
     for name in ("xyz", "f_dc", "opacity", "scale", "rotation", "f_rest"):
         _check_finite(path, name, getattr(cloud, name))
-    cloud.rotation = _normalise_rotation(path, cloud.rotation, tolerance)
+    _check_rotation(path, cloud.rotation, tolerance)
     return cloud
 
 
@@ -167,8 +168,9 @@ def write_ply(cloud: GaussianCloud, path: str | os.PathLike | io.BytesIO) -> Non
     columns.append(cloud.f_rest)
     fields += ["opacity"] + [f"scale_{i}" for i in range(3)] + [f"rot_{i}" for i in range(4)]
     columns += [cloud.opacity[:, None], cloud.scale, cloud.rotation]
-    table = np.concatenate([np.asarray(c, np.float32).reshape(len(cloud), -1) for c in columns],
-                           axis=1)
+    columns = [np.asarray(c, np.float32) for c in columns]
+    table = np.concatenate([c.reshape(len(cloud), c.shape[1] if c.ndim > 1 else 1)
+                            for c in columns], axis=1)
     vertex = np.empty(len(cloud), dtype=[(f, "<f4") for f in fields])
     for i, f in enumerate(fields):
         vertex[f] = table[:, i]

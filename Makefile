@@ -1,0 +1,18 @@
+# The two commands of the README: `make run` (set up, then the whole pipeline on embedded
+# defaults) and `make test` (set up, then the test suite). Both set up .venv first.
+.PHONY: setup run test test-fast bench
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DS_ACCELERATOR ?= cpu
+
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	.venv/bin/clipgs pipeline
+
+test: setup
+	.venv/bin/python -m pytest -q tests
+
+test-fast: setup
+	.venv/bin/python -m pytest -q -m "not slow" tests
