@@ -52,7 +52,7 @@ def test_gate_keeps_champion_unless_strictly_better(pipeline_run):
     client = mlflow.MlflowClient()
     before = client.get_model_version_by_alias("clipgs", "champion").version
     v2 = register(summary["training_run_id"], db)  # same weights: equal, so not better
-    assert client.get_model_version_by_alias("clipgs", "challenger").version == v2
+    assert str(client.get_model_version_by_alias("clipgs", "challenger").version) == v2
     decision = promote("clipgs", str(root / "work" / "shards"), db)
     assert decision["promoted"] is False and "kept the champion" in decision["reason"]
     assert client.get_model_version_by_alias("clipgs", "champion").version == before

@@ -84,13 +84,13 @@ def promote(name: str, data: str, tracking_uri: str, config: PromoteConfig | Non
     config, eval_config = config or PromoteConfig(), eval_config or EvalConfig()
     setup_mlflow(tracking_uri)
     client = mlflow.MlflowClient()
-    version = version or client.get_model_version_by_alias(name, CHALLENGER).version
+    version = str(version or client.get_model_version_by_alias(name, CHALLENGER).version)
     challenger, checksum = _version_metrics(client, name, version, data, eval_config,
                                             tracking_uri)
     if config.metric not in challenger:
         raise KeyError(f"metric '{config.metric}' not in the evaluation ({sorted(challenger)})")
     try:
-        champion_version = client.get_model_version_by_alias(name, CHAMPION).version
+        champion_version = str(client.get_model_version_by_alias(name, CHAMPION).version)
     except mlflow.exceptions.MlflowException:
         champion_version = None
     if champion_version == version:
