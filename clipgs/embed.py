@@ -4,13 +4,11 @@ runs it) or a local model package folder."""
 from __future__ import annotations
 
 import base64
-import zlib
 from pathlib import Path
 
 import numpy as np
 
-from clipgs.data.formats import load_gaussians
-from clipgs.data.gaussians import resample
+from clipgs.data.formats import read_gaussians
 from clipgs.data.storage import read_bytes
 
 
@@ -21,10 +19,11 @@ def embed_files(files: list[str], model_uri: str) -> np.ndarray:
         import mlflow
         import pandas as pd
 
-        for f in files:  # validate locally first: a clear error names the user's file
-            load_gaussians(f)
+        blobs = [read_bytes(f) for f in files]
+        for f, data in zip(files, blobs):  # validate here first: the error names the user's file
+            read_gaussians(data, f)
         model = mlflow.pyfunc.load_model(model_uri)
-        frame = pd.DataFrame({"data": [base64.b64encode(read_bytes(f)).decode() for f in files],
+        frame = pd.DataFrame({"data": [base64.b64encode(b).decode() for b in blobs],
                               "format": [Path(f).suffix.lstrip(".") for f in files]})
         return np.array(model.predict(frame)["embedding"].tolist(), dtype=np.float32)
     from clipgs.models.package import load_package
@@ -33,7 +32,5 @@ def embed_files(files: list[str], model_uri: str) -> np.ndarray:
     points = []
     for f in files:
         data = read_bytes(f)
-        cloud = load_gaussians(f)
-        rng = np.random.default_rng(zlib.crc32(data[:4096]))
-        points.append(resample(cloud.activated(), package.points, rng))
+        points.append(package.prepare(read_gaussians(data, f), data))
     return package.embed_points(points)

@@ -6,7 +6,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 
 from clipgs.config import IngestConfig
 from clipgs.data import shards, storage

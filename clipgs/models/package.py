@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,14 @@ class ModelPackage:
     @property
     def points(self) -> int:
         return int(self.meta["points"])
+
+    def prepare(self, cloud, data: bytes) -> np.ndarray:
+        """A read file -> the model's input [M, 14]; the resampling seed comes from the file's
+        bytes, so one file always gets one embedding."""
+        from clipgs.data.gaussians import resample
+
+        rng = np.random.default_rng(zlib.crc32(data[:4096]) + len(data))
+        return resample(cloud.activated(), self.points, rng)
 
     @torch.no_grad()
     def embed_points(self, batch: list[np.ndarray]) -> np.ndarray:

@@ -7,10 +7,8 @@ Input: a DataFrame with ``data`` (a .ply or .splat file, base64) and ``format`` 
 from __future__ import annotations
 
 import base64
-import zlib
 
 import mlflow
-import numpy as np
 import pandas as pd
 
 
@@ -22,15 +20,13 @@ class ClipGSModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from clipgs.data.formats import read_gaussians
-        from clipgs.data.gaussians import resample
 
         points = []
         for i, row in enumerate(model_input.itertuples(index=False)):
             fmt = str(getattr(row, "format", "ply")).lower().lstrip(".")
             data = base64.b64decode(row.data, validate=False)
             cloud = read_gaussians(data, f"request row {i}.{fmt}")
-            rng = np.random.default_rng(zlib.crc32(data[:4096]))
-            points.append(resample(cloud.activated(), self.package.points, rng))
+            points.append(self.package.prepare(cloud, data))
         emb = self.package.embed_points(points)
         return pd.DataFrame({"embedding": [e.astype(float).tolist() for e in emb]})
 
