@@ -4,6 +4,7 @@
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DS_ACCELERATOR ?= cpu
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 setup:
 	@bash scripts/setup.sh

@@ -118,6 +118,9 @@ def cmd_embed(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
+    # the ephemeral server's telemetry heartbeat phones home and races other processes on
+    # the shared sqlite DB; nothing here needs it
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         from flows.pipeline import retrain_pipeline
     except ImportError as exc:
