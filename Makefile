@@ -1,6 +1,6 @@
 # The two commands of the README: `make run` (set up, then the whole pipeline on embedded
 # defaults) and `make test` (set up, then the test suite). Both set up .venv first.
-.PHONY: setup run test test-fast bench
+.PHONY: setup run test test-fast
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export DS_ACCELERATOR ?= cpu

@@ -74,7 +74,7 @@ def test_ingest_resumes_and_reports_bad_objects(shared_data, tmp_path, teacher):
     s = samples[0]
     assert s["gaussians"].shape == (512, 14) and s["img_emb"].shape[0] == 2
     assert s["img_emb"].dtype == np.float16 and s["views"].shape[0] == 2
-    # a shard whose plan changed is redone; the manifest is gone while work is under way
+    # a shard whose plan (config) changed is redone
     third = ingest(str(src), str(out), IngestConfig(shard_size=2, points=256, views=2),
                    teacher=teacher)
     assert third.written_shards == first.written_shards
