@@ -4,6 +4,10 @@ training, evaluation and registry tests reuse (built once per session)."""
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,3 +44,36 @@ def tiny_dataset(tmp_path_factory, teacher) -> Path:
     src = generate(root / "primitives", per_class=6, gaussians=1024)
     ingest(str(src), str(root / "shards"), IngestConfig(shard_size=12), teacher=teacher)
     return root / "shards"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """moto's S3-compatible server on loopback, reached through the real boto3 client."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for k, v in {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test",
+                 "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    from clipgs.data import storage
+
+    storage._client_for_pid.cache_clear()
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    storage.s3_client().create_bucket(Bucket="clipgs")
+    yield "s3://clipgs"
+    proc.terminate()
+    proc.wait(10)
+    storage._client_for_pid.cache_clear()

@@ -1,8 +1,4 @@
 import json
-import socket
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -90,37 +86,6 @@ def test_teacher_is_deterministic_and_semantic(teacher):
     assert e[0] @ e[1] > e[0] @ e[2] + 0.1
     img = teacher.encode_images(np.zeros((2, teacher.image_size, teacher.image_size, 3), np.uint8))
     assert img.shape == (2, e.shape[1]) and np.allclose(np.linalg.norm(img, axis=1), 1, atol=1e-4)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def s3_server(monkeypatch):
-    """moto's S3-compatible server on loopback, reached through the real boto3 client."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for k, v in {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test",
-                 "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(k, v)
-    storage._client_for_pid.cache_clear()
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    storage.s3_client().create_bucket(Bucket="clipgs")
-    yield "s3://clipgs"
-    proc.terminate()
-    proc.wait(10)
-    storage._client_for_pid.cache_clear()
 
 
 def test_ingest_from_and_to_s3(shared_data, s3_server, teacher):
