@@ -88,7 +88,7 @@ def ingest(source: str, output: str, config: IngestConfig | None = None,
     config = config or IngestConfig()
     teacher = teacher or Teacher(config.teacher)
     identity = teacher.identity()
-    assets = discover(source, limit=config.limit)
+    assets = discover(source, limit=config.limit, mesh_samples=config.points)
     if not assets:
         raise storage.StorageError(f"{source}: no objects found (expected .ply, .splat or "
                                    ".npz files)")

@@ -2,9 +2,12 @@
 
 A source is a folder or ``s3://`` prefix. What is in it decides how each object is read:
 
-- ``*.ply`` / ``*.splat`` 3DGS files, with sidecars: ``meta.json`` (title, tags, optional label
-  and split) when the file is alone in its folder, or ``<stem>.json`` / ``<stem>.txt``; and
-  ``thumb.png`` / ``<stem>.png`` as an extra view;
+- object files - 3DGS (``.ply``, ``.splat``, ``.spz``, PlayCanvas compressed ``.ply``), meshes
+  (``.obj``, ``.glb``, ``.gltf``, ``.stl``, ``.off``, ``.ply`` with faces) and point clouds
+  (``.ply`` without 3DGS fields, ``.xyz``) - with sidecars: ``meta.json`` (title, tags, optional
+  label and split) when the file is alone in its folder, or ``<stem>.json`` / ``<stem>.txt``;
+  and ``thumb.png`` (alone in its folder) / ``<stem>.thumb.png`` as views, and for 3DGS files
+  ``<stem>.png`` too (for meshes that name is usually a texture, so it is not a view);
 - ``*.npz`` labelled occupancy grids (``X_train``, ``y_train``, ``X_test``, ``y_test``, as
   ModelNet10): occupied surface voxels become gaussians, text "a 3D model of a {class}".
 """
@@ -16,13 +19,14 @@ import io
 import json
 import posixpath
 import re
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 
-from clipgs.data.formats import FORMATS, read_gaussians
+from clipgs.data.formats import FORMATS, GAUSSIAN_SUFFIXES, read_gaussians
 from clipgs.data.gaussians import GaussianCloud
 from clipgs.data.storage import list_files, read_bytes
 from clipgs.errors import GaussianFormatError
@@ -67,7 +71,7 @@ def _sidecar_text(meta: dict, fallback: str) -> str:
     return f"{text}, tagged {', '.join(tags)}" if tags else text
 
 
-def _gaussian_assets(files: list[str], root: str) -> list[Asset]:
+def _object_assets(files: list[str], root: str, mesh_samples: int) -> list[Asset]:
     by_dir: dict[str, list[str]] = defaultdict(list)
     for f in files:
         by_dir[posixpath.dirname(f)].append(f)
@@ -93,18 +97,19 @@ def _gaussian_assets(files: list[str], root: str) -> list[Asset]:
             caption = read_bytes(txt).decode("utf-8", "replace").strip()
         base = re.sub(r"_\d+k$", "", stem)  # boat_10k -> boat
         caption = caption or _sidecar_text(meta, base.replace("_", " "))
-        images = [posixpath.join(folder, n) for n in (stem + ".png", "thumb.png")
-                  if posixpath.join(folder, n) in siblings and (n != "thumb.png" or alone)]
+        names = [stem + ".thumb.png"] + ([stem + ".png"] if suffix.lower() in GAUSSIAN_SUFFIXES
+                                         else []) + (["thumb.png"] if alone else [])
+        images = [posixpath.join(folder, n) for n in names if posixpath.join(folder, n) in siblings]
         rel = posixpath.relpath(f, root) if f != root else name
         # an object alone in its folder is named by the folder (splats/boat/boat_10k -> boat)
         rel = posixpath.dirname(rel) if alone and posixpath.dirname(rel) else rel
         key = safe_key(posixpath.splitext(rel)[0] if not alone else rel)
         split = meta.get("split") if meta.get("split") in ("train", "test") else hashed_split(key)
 
-        def load(url=f, meta=meta) -> GaussianCloud:
+        def load(url=f, meta=meta, seed=zlib.crc32(key.encode())) -> GaussianCloud:
             if "_error" in meta:
                 raise GaussianFormatError(url, meta["_error"])
-            return read_gaussians(read_bytes(url), url)
+            return read_gaussians(read_bytes(url), url, mesh_samples=mesh_samples, seed=seed)
 
         assets.append(Asset(key=key, source=f, caption=caption, split=split, load=load,
                             label=meta.get("label"), image_urls=images))
@@ -169,12 +174,13 @@ def _grid_assets(url: str, root: str, limit: int | None) -> list[Asset]:
     return assets
 
 
-def discover(source: str, limit: int | None = None) -> list[Asset]:
-    """Every object in a folder, file or ``s3://`` prefix, sorted by key."""
+def discover(source: str, limit: int | None = None, mesh_samples: int = 10_000) -> list[Asset]:
+    """Every object in a folder, file or ``s3://`` prefix, sorted by key. Meshes are splatted
+    with ``mesh_samples`` gaussians."""
     files = list_files(source)
     root = source.rstrip("/") if len(files) != 1 or files[0] != source else posixpath.dirname(
         source)
-    assets = _gaussian_assets(files, root)
+    assets = _object_assets(files, root, mesh_samples)
     for f in files:
         if f.lower().endswith(".npz"):
             assets += _grid_assets(f, root, limit)
