@@ -144,6 +144,9 @@ def _resolver(path: str):
         def write(self, name, data):
             raise NotImplementedError("read only")
 
+        def namespaced(self, namespace: str):
+            return StorageResolver(storage.join(self.base, namespace))
+
     base = path.split("#")[0]
     base = posixpath.dirname(base) if storage.is_s3(base) else os.path.dirname(
         base.removeprefix("file://"))

@@ -1,0 +1,149 @@
+"""Meshes and point clouds as sources: surface splats on the surface, oriented to it, coloured
+from vertex colours, face colours, textures or materials; files a mesh names fetched beside it."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import trimesh
+from PIL import Image
+from plyfile import PlyData, PlyElement
+
+from clipgs.config import IngestConfig
+from clipgs.data import shards
+from clipgs.data.formats import load_gaussians, read_gaussians
+from clipgs.data.gaussians import SLICES
+from clipgs.data.ingest import ingest
+from clipgs.data.sources import discover
+from clipgs.errors import GaussianFormatError
+
+
+def _rgb(cloud):
+    return cloud.activated()[:, SLICES["rgb"]]
+
+
+def _box(colour=None):
+    mesh = trimesh.creation.box(extents=(1, 1, 1))
+    if colour is not None:
+        mesh.visual.vertex_colors = np.tile([*colour, 255], (len(mesh.vertices), 1))
+    return mesh
+
+
+def _textured_sphere(colour):
+    mesh = trimesh.creation.uv_sphere(radius=0.5)
+    image = Image.new("RGB", (16, 16), colour)
+    uv = np.random.default_rng(0).random((len(mesh.vertices), 2))
+    # white base colour: glTF multiplies the texture by it (trimesh's default is grey)
+    material = trimesh.visual.material.SimpleMaterial(image=image, diffuse=[255, 255, 255, 255])
+    mesh.visual = trimesh.visual.TextureVisuals(uv=uv, material=material)
+    return mesh
+
+
+def test_splats_lie_on_the_surface_oriented_to_it():
+    data = _box((200, 30, 30)).export(file_type="obj")
+    cloud = read_gaussians(data.encode(), "box.obj", mesh_samples=3000, seed=1)
+    assert len(cloud) == 3000
+    assert np.allclose(np.abs(cloud.xyz).max(axis=1), 0.5, atol=1e-5)  # on a face of the box
+    q = cloud.activated()[:, SLICES["rotation"]]
+    w, x, y, z = q.T  # the rotated +z axis must be the face normal (the dominant coordinate)
+    axis = np.stack([2 * (x * z + w * y), 2 * (y * z - w * x), 1 - 2 * (x * x + y * y)], axis=1)
+    face = np.argmax(np.abs(cloud.xyz), axis=1)
+    assert np.allclose(np.abs(axis[np.arange(3000), face]), 1, atol=1e-4)
+    scale = np.exp(cloud.scale)
+    assert (scale[:, 2] < scale[:, 0]).all()  # flat disks
+    np.testing.assert_allclose(_rgb(cloud).mean(0), np.array([200, 30, 30]) / 255, atol=0.01)
+
+
+def test_colour_from_texture_material_and_faces(tmp_path):
+    glb = _textured_sphere((20, 200, 40)).export(file_type="glb")
+    np.testing.assert_allclose(_rgb(read_gaussians(glb, "s.glb", 2000)).mean(0),
+                               np.array([20, 200, 40]) / 255, atol=0.02)
+    plain = trimesh.creation.box()
+    plain.visual = trimesh.visual.TextureVisuals(
+        material=trimesh.visual.material.PBRMaterial(baseColorFactor=[0, 0, 255, 255]))
+    np.testing.assert_allclose(
+        _rgb(read_gaussians(plain.export(file_type="glb"), "m.glb", 500)).mean(0), [0, 0, 1],
+        atol=0.01)
+    faces = _box()
+    faces.visual.face_colors = np.tile([250, 250, 0, 255], (len(faces.faces), 1))
+    ply = faces.export(file_type="ply")  # a .ply with faces is a mesh, not gaussians
+    np.testing.assert_allclose(_rgb(read_gaussians(ply, "f.ply", 500)).mean(0),
+                               np.array([250, 250, 0]) / 255, atol=0.01)
+    grey = read_gaussians(_box().export(file_type="stl"), "b.stl", 500)
+    assert len(grey) == 500
+
+
+def test_obj_with_mtl_and_texture_beside_it(tmp_path):
+    obj, files = trimesh.exchange.obj.export_obj(_textured_sphere((250, 120, 0)),
+                                                 include_texture=True, return_texture=True)
+    (tmp_path / "ball.obj").write_text(obj)
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    cloud = load_gaussians(tmp_path / "ball.obj", mesh_samples=1000)
+    np.testing.assert_allclose(_rgb(cloud).mean(0), np.array([250, 120, 0]) / 255, atol=0.02)
+
+
+def _point_cloud_ply(n=400, text=False) -> bytes:
+    rng = np.random.default_rng(0)
+    v = np.empty(n, dtype=[("x", "f4"), ("y", "f4"), ("z", "f4"), ("red", "u1"),
+                           ("green", "u1"), ("blue", "u1")])
+    xyz = rng.normal(size=(n, 3))
+    v["x"], v["y"], v["z"] = xyz.T
+    v["red"], v["green"], v["blue"] = 10, 100, 250
+    buf = io.BytesIO()
+    PlyData([PlyElement.describe(v, "vertex")], text=text).write(buf)
+    return buf.getvalue()
+
+
+def test_point_clouds_become_gaussians():
+    for text in (False, True):
+        cloud = read_gaussians(_point_cloud_ply(text=text), "p.ply")
+        assert len(cloud) == 400 and cloud.sh_degree == 0
+        np.testing.assert_allclose(_rgb(cloud).mean(0), np.array([10, 100, 250]) / 255, atol=1e-3)
+        assert (np.exp(cloud.scale) > 0).all()
+    xyz = read_gaussians(b"# x y z r g b\n0 0 0 255 0 0\n1 0 0 255 0 0\n0 1 0 255 0 0\n",
+                         "p.xyz")
+    assert len(xyz) == 3 and np.allclose(_rgb(xyz)[:, 0], 1)
+
+
+@pytest.mark.parametrize("name, data, words", [
+    ("bad.obj", b"v 0 0 0\nv 1 0 0\n", "no triangles"),
+    ("bad.glb", b"glTF\x02\x00\x00\x00garbage", "not a readable .glb"),
+    ("bad.stl", b"\x00" * 10, "no triangles"),
+    ("bad.xyz", b"1 2\n3 4\n", "expected 3"),
+    ("nan.xyz", b"1 2 nan\n3 4 5\n", "non-finite"),
+    ("empty.ply", b"ply\nformat ascii 1.0\nelement vertex 0\nproperty float x\nproperty float y\n"
+                  b"property float z\nend_header\n", "zero points"),
+])
+def test_bad_meshes_and_points_get_one_clear_error(name, data, words):
+    with pytest.raises(GaussianFormatError) as err:
+        read_gaussians(data, name)
+    assert str(err.value).startswith(name) and words in str(err.value)
+
+
+def test_ingest_a_folder_of_meshes_and_points(tmp_path, teacher):
+    src = tmp_path / "assets"
+    for name, mesh, colour in (("red_box", _box((220, 20, 20)), "red"),
+                               ("green_ball", _textured_sphere((20, 200, 40)), "green")):
+        (src / name).mkdir(parents=True)
+        (src / name / f"{name}.glb").write_bytes(mesh.export(file_type="glb"))
+        (src / name / "meta.json").write_text(json.dumps({"title": f"a {colour} thing",
+                                                          "label": colour, "split": "train"}))
+    (src / "cloud.ply").write_bytes(_point_cloud_ply())
+    (src / "cloud.txt").write_text("a blue point cloud")
+    (src / "broken.obj").write_text("v 0 0 0\n")
+    assets = {a.key: a for a in discover(str(src))}
+    assert set(assets) == {"red_box", "green_ball", "cloud", "broken"}
+    assert assets["cloud"].caption == "a blue point cloud"
+    config = IngestConfig(shard_size=8, points=512, views=2)
+    result = ingest(str(src), str(tmp_path / "shards"), config, teacher=teacher)
+    assert [r["key"] for r in result.rejects] == ["broken"]
+    assert "no triangles" in result.rejects[0]["error"]
+    m = result.manifest
+    assert m["splits"]["train"]["count"] + m["splits"]["test"]["count"] == 3
+    urls = [u for s in ("train", "test") for u in shards.shard_urls(str(tmp_path / "shards"), m, s)]
+    samples = {s["key"]: s for s in shards.iterate(urls)}
+    red = samples["red_box"]
+    assert red["gaussians"].shape == (512, 14) and red["views"].shape[0] == 2
+    assert red["gaussians"][:, SLICES["rgb"]].mean(0)[0] > 0.8
