@@ -6,12 +6,16 @@ a local file appears under its name only when complete, an S3 object only when u
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 from clipgs.errors import StorageError
+
+log = logging.getLogger(__name__)
 
 
 def is_s3(url: str) -> bool:
@@ -73,18 +77,33 @@ def write_bytes(url: str, data: bytes) -> None:
         raise
 
 
-def upload_file_bytes(url: str, data: bytes) -> None:
+# Multipart above this size (boto3 uploads the parts in parallel and, on failure, aborts the
+# multipart upload, so no partial object ever shows under the key). S3's smallest part is 5 MiB.
+MULTIPART_MB = int(os.environ.get("CLIPGS_S3_MULTIPART_MB", 64))
+UPLOAD_ATTEMPTS = 4  # whole-upload retries on top of botocore's per-request retries
+
+
+def upload_file_bytes(url: str, data: bytes, multipart_mb: int | None = None) -> None:
+    """Upload whole or not at all: a failed upload (botocore's own retries spent) is retried
+    from the start with back-off; if every attempt fails, nothing is left under ``url``."""
     import io
 
     from boto3.s3.transfer import TransferConfig
 
     bucket, key = _split(url)
-    # multipart above 64 MiB; boto3 aborts a failed multipart upload, so no partial object shows
-    config = TransferConfig(multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20)
-    try:
-        s3_client().upload_fileobj(io.BytesIO(data), bucket, key, Config=config)
-    except Exception as exc:
-        raise StorageError(f"{url}: cannot write ({exc})") from None
+    size = max(5, multipart_mb or MULTIPART_MB) * 2**20
+    config = TransferConfig(multipart_threshold=size, multipart_chunksize=size)
+    error = None
+    for attempt in range(UPLOAD_ATTEMPTS):
+        try:
+            s3_client().upload_fileobj(io.BytesIO(data), bucket, key, Config=config)
+            return
+        except Exception as exc:  # connection drops, 5xx after botocore's retries, ...
+            error = exc
+            log.warning("%s: upload attempt %d/%d failed (%s)", url, attempt + 1,
+                        UPLOAD_ATTEMPTS, exc)
+            time.sleep(min(8.0, 0.5 * 2**attempt))
+    raise StorageError(f"{url}: cannot write after {UPLOAD_ATTEMPTS} attempts ({error})")
 
 
 def exists(url: str) -> bool:
