@@ -75,26 +75,46 @@ def cmd_evaluate(args) -> int:
 
         mlflow.set_tracking_uri(_tracking(args))
     result = evaluate(args.model, args.data, config)
+    out = {"metrics": result["metrics"], "per_class_accuracy": result["per_class"]}
     if args.run_id or args.log:
-        log_to_mlflow(result, args.run_id, _tracking(args))
-    print(json.dumps(result["metrics"]))
+        out["mlflow_run_id"] = log_to_mlflow(result, args.run_id, _tracking(args))
+    print(json.dumps(out))
     return 0
 
 
 def cmd_register(args) -> int:
-    from clipgs.registry.registry import register
+    from clipgs.registry.registry import log_package_run, register
+    from clipgs.registry.serving import ServingLimits
 
-    version = register(args.run_id, _tracking(args), args.name)
-    print(json.dumps({"name": args.name, "version": version, "alias": "challenger"}))
+    if bool(args.run_id) == bool(args.package):
+        raise ClipgsError("register: give exactly one of --run-id or --package")
+    run_id = args.run_id or log_package_run(args.package, _tracking(args))
+    limits = ServingLimits(**{k: v for k, v in (
+        ("max_rows", args.max_rows), ("max_file_bytes", args.max_file_bytes),
+        ("max_gaussians", args.max_gaussians)) if v is not None})
+    version = register(run_id, _tracking(args), args.name, limits)
+    print(json.dumps({"name": args.name, "version": version, "alias": "challenger",
+                      "run_id": run_id}))
     return 0
 
 
 def cmd_promote(args) -> int:
-    from clipgs.config import PromoteConfig
-    from clipgs.registry.registry import promote
+    from clipgs.config import EvalConfig, PromoteConfig, load_config
+    from clipgs.registry.registry import promote, rollback
 
-    decision = promote(args.name, args.data, _tracking(args),
-                       PromoteConfig(metric=args.metric, margin=args.margin), args.version)
+    if args.rollback:
+        print(json.dumps(rollback(args.name, _tracking(args))))
+        return 0
+    if not args.data:
+        raise ClipgsError("promote: --data SHARDS is required (or --rollback)")
+    gate = {"metric": args.metric, "margin": args.margin}
+    if args.guard is not None:
+        gate["guard_metrics"] = [g for g in args.guard if g]
+    if args.tolerance is not None:
+        gate["guard_tolerance"] = args.tolerance
+    decision = promote(args.name, args.data, _tracking(args), PromoteConfig(**gate),
+                       args.version, load_config(EvalConfig, args.config, args.overrides))
+    print(decision["reason"], file=sys.stderr)
     print(json.dumps(decision))
     return 0
 
@@ -106,13 +126,22 @@ def cmd_embed(args) -> int:
         import mlflow
 
         mlflow.set_tracking_uri(_tracking(args))
-    from clipgs.embed import embed_files
+    from clipgs.embed import embed_files, embed_texts
 
-    emb = embed_files(args.files, args.model)
+    if not args.files and not args.text:
+        raise ClipgsError("embed: give 3DGS files and/or --text CAPTION")
+    parts, names = [], []
+    if args.files:
+        parts.append(embed_files(args.files, args.model))
+        names += [("file", f) for f in args.files]
+    if args.text:
+        parts.append(embed_texts(args.text, args.model))
+        names += [("text", t) for t in args.text]
+    emb = np.concatenate(parts)
     if args.out:
         np.save(args.out, emb)
-    for f, e in zip(args.files, emb):
-        print(json.dumps({"file": f, "dim": len(e), "embedding": [round(float(v), 5) for v in e]
+    for (kind, name), e in zip(names, emb):
+        print(json.dumps({kind: name, "dim": len(e), "embedding": [round(float(v), 5) for v in e]
                           if args.full else [round(float(v), 4) for v in e[:6]] + ["..."]}))
     return 0
 
@@ -142,9 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name, fn, help_text, tracking=False, overrides=False):
+    def add(name, fn, help_text, tracking=False, overrides=False, positionals=()):
         s = sub.add_parser(name, help=help_text, description=help_text)
         s.set_defaults(fn=fn)
+        for name_, help_ in positionals:  # before the overrides, which take the rest
+            s.add_argument(name_, help=help_)
         if tracking:
             s.add_argument("--tracking-uri", help=f"MLflow (default $MLFLOW_TRACKING_URI or "
                            f"{DEFAULT_TRACKING})")
@@ -162,31 +193,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--views", type=int, default=4)
     s.add_argument("--view", type=int, default=0)
     s = add("ingest", cmd_ingest, "assets (folder or s3://) to webdataset shards + manifest",
-            overrides=True)
-    s.add_argument("source")
-    s.add_argument("output")
+            overrides=True, positionals=(("source", "assets: a folder, file or s3:// prefix"),
+                                         ("output", "shards: a folder or s3:// prefix")))
     s = add("train", cmd_train, "one DeepSpeed training run (spawns --nproc local ranks)",
             tracking=True, overrides=True)
     s.add_argument("--nproc", type=int)
-    s = add("evaluate", cmd_evaluate, "zero-shot and retrieval metrics of a model on shards",
-            tracking=True, overrides=True)
+    s = add("evaluate", cmd_evaluate, "zero-shot (prompt ensemble, per class), retrieval R@K "
+            "in four directions and the few-shot linear probe of a model on shards; --log "
+            "adds the plots to MLflow", tracking=True, overrides=True)
     s.add_argument("--model", required=True, help="model folder, runs:/ or models:/ URI")
     s.add_argument("--data", required=True, help="shard set (folder or s3://)")
     s.add_argument("--run-id", help="log the metrics to this MLflow run")
     s.add_argument("--log", action="store_true", help="log to a new MLflow run")
-    s = add("register", cmd_register, "register a training run's model, alias challenger",
-            tracking=True)
-    s.add_argument("--run-id", required=True)
+    s = add("register", cmd_register, "register a training run's model (or a package folder) "
+            "as an MLflow pyfunc, alias challenger", tracking=True)
+    s.add_argument("--run-id", help="a `clipgs train` run (its 'package' artifact)")
+    s.add_argument("--package", help="a model package folder, logged as a new run first")
     s.add_argument("--name", default="clipgs")
-    s = add("promote", cmd_promote, "move champion to the challenger if it is better",
-            tracking=True)
+    s.add_argument("--max-rows", type=int, help="serving limit: rows per request")
+    s.add_argument("--max-file-bytes", type=int, help="serving limit: bytes of one file")
+    s.add_argument("--max-gaussians", type=int, help="serving limit: gaussians per object")
+    s = add("promote", cmd_promote, "move champion to the challenger if it beats the champion "
+            "on the gate metric by --margin (and holds the guards); --rollback moves it back",
+            tracking=True, overrides=True)
     s.add_argument("--name", default="clipgs")
-    s.add_argument("--data", required=True, help="shard set both models are evaluated on")
+    s.add_argument("--data", help="shard set both models are evaluated on")
     s.add_argument("--version", help="default: the challenger alias")
-    s.add_argument("--metric", default="zeroshot_top1")
+    s.add_argument("--metric", default="zeroshot_top1", help="the gate metric")
     s.add_argument("--margin", type=float, default=0.0)
-    s = add("embed", cmd_embed, "embeddings of 3DGS files with a model", tracking=True)
-    s.add_argument("files", nargs="+")
+    s.add_argument("--guard", action="append", help="guard metric (repeat; '' for none; "
+                   "default: the config's guard_metrics)")
+    s.add_argument("--tolerance", type=float, help="how much a guard metric may drop")
+    s.add_argument("--rollback", action="store_true",
+                   help="put champion back on the version the current champion replaced")
+    s = add("embed", cmd_embed, "embeddings of 3DGS files and captions with a model",
+            tracking=True)
+    s.add_argument("files", nargs="*")
+    s.add_argument("--text", action="append", help="a caption to embed (repeat)")
     s.add_argument("--model", default="models:/clipgs@champion")
     s.add_argument("--out", help="save the embeddings as .npy")
     s.add_argument("--full", action="store_true", help="print every dimension")

@@ -9,14 +9,18 @@ written last, so a dataset without one is unfinished. A bad object is reported i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import multiprocessing
 import time
 import zlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from clipgs.config import IngestConfig
@@ -39,45 +43,125 @@ class IngestResult:
 
 
 def _plan_hash(config: IngestConfig, teacher_sha: str, keys: list[str]) -> str:
-    spec = {"config": config.model_dump(mode="json", exclude={"limit"}), "teacher": teacher_sha,
+    # what changes a shard's content: not how many processes made it, nor how it was uploaded
+    spec = {"config": config.model_dump(mode="json", exclude={"limit", "workers", "multipart_mb"}),
+            "teacher": teacher_sha,
             "keys": keys, "format_version": shards.FORMAT_VERSION}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def make_triplet(asset: Asset, config: IngestConfig, image_size: int):
+STAGES = ("read", "resample", "render", "teacher", "write")
+
+
+class Stopwatch:
+    """Seconds spent per stage, summed: where ingestion time goes (logged in the manifest)."""
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
+
+    def add(self, seconds: dict[str, float]) -> None:
+        for k, v in seconds.items():
+            self.seconds[k] += v
+
+
+def make_triplet(asset: Asset, config: IngestConfig, image_size: int,
+                 clock: Stopwatch | None = None):
     """One asset -> (gaussians [M,14], views uint8 [K,S,S,3]); raises on a bad object."""
-    cloud = asset.load()
-    rng = np.random.default_rng(zlib.crc32(asset.key.encode()) + config.seed)
-    points = resample(cloud.activated(), config.points, rng)
-    views = [load_image(storage.read_bytes(u), image_size) for u in asset.image_urls]
+    clock = clock or Stopwatch()
+    with clock("read"):
+        cloud = asset.load()
+        views = [load_image(storage.read_bytes(u), image_size) for u in asset.image_urls]
+    with clock("resample"):
+        rng = np.random.default_rng(zlib.crc32(asset.key.encode()) + config.seed)
+        points = resample(cloud.activated(), config.points, rng)
     views = views[: config.views]
     if len(views) < config.views:
-        views += render_views(points, config.views - len(views), image_size)
+        with clock("render"):
+            views += render_views(points, config.views - len(views), image_size)
     return points, np.stack(views)
 
 
-def _write_shard(name: str, assets: list[Asset], config: IngestConfig, teacher: Teacher,
-                 progress: tqdm) -> dict:
+def _safe_triplet(asset: Asset, config: IngestConfig, image_size: int):
+    """(points, views, seconds) or (None, error line, seconds): one bad object never ends the
+    batch, it is reported and skipped."""
+    clock = Stopwatch()
+    try:
+        points, views = make_triplet(asset, config, image_size, clock)
+        return points, views, clock.seconds
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}", clock.seconds
+
+
+_WORK: tuple = ()  # (assets, config, image_size), inherited by forked workers
+
+
+def _work(i: int):
+    assets, config, image_size = _WORK
+    return _safe_triplet(assets[i], config, image_size)
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)  # many small ops; one thread per process is fastest
+
+
+def triplets(assets: list[Asset], config: IngestConfig, image_size: int) -> Iterator[tuple]:
+    """``_safe_triplet`` of each asset, in order; with ``config.workers`` processes they are
+    made ahead of the consumer (the teacher) by forked workers."""
+    if config.workers == 0 or len(assets) < 2:
+        for a in assets:
+            yield _safe_triplet(a, config, image_size)
+        return
+    global _WORK
+    _WORK = (assets, config, image_size)
+    # fork: assets hold closures (how to load each), which a spawned worker could not unpickle
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(min(config.workers, len(assets)), initializer=_init_worker) as pool:
+        yield from pool.imap(_work, range(len(assets)), chunksize=2)
+    _WORK = ()
+
+
+class TextCache:
+    """Captions repeat (a labelled set has one per class): each is encoded once per run."""
+
+    def __init__(self, teacher: Teacher):
+        self.teacher, self.cache = teacher, {}
+
+    def __call__(self, captions: list[str]) -> np.ndarray:
+        todo = sorted({c for c in captions if c not in self.cache})
+        if todo:
+            self.cache.update(zip(todo, self.teacher.encode_text(todo)))
+        return np.stack([self.cache[c] for c in captions])
+
+
+def _write_shard(name: str, made: list[tuple[Asset, tuple]], config: IngestConfig,
+                 teacher: Teacher, texts: TextCache, clock: Stopwatch) -> dict:
     done, rejects = [], []
-    for asset in assets:
-        try:
-            done.append((asset, *make_triplet(asset, config, teacher.image_size)))
-        except Exception as exc:  # one bad object never ends the batch: report it and go on
-            rejects.append({"key": asset.key, "source": asset.source,
-                            "error": f"{type(exc).__name__}: {exc}"})
-            log.warning("rejected %s: %s", asset.source, exc)
-        progress.update(1)
-        progress.set_postfix(rejects=progress.rejects + len(rejects), refresh=False)
+    for asset, (points, views, _) in made:
+        if points is None:
+            rejects.append({"key": asset.key, "source": asset.source, "error": views})
+            log.warning("rejected %s: %s", asset.source, views)
+        else:
+            done.append((asset, points, views))
     samples = []
     if done:
-        img = teacher.encode_images(np.concatenate([d[2] for d in done]))
-        img = img.reshape(len(done), config.views, -1)
-        txt = teacher.encode_text([d[0].caption for d in done])
+        with clock("teacher"):
+            img = teacher.encode_images(np.concatenate([d[2] for d in done]))
+            img = img.reshape(len(done), config.views, -1)
+            txt = texts([d[0].caption for d in done])
         for i, (asset, points, views) in enumerate(done):
             meta = {"caption": asset.caption, "label": asset.label, "split": asset.split,
                     "source": asset.source}
             samples.append(shards.encode_sample(asset.key, points, views, img[i], txt[i], meta))
-    data = shards.tar_bytes(samples)
+    with clock("write"):
+        data = shards.tar_bytes(samples)
     return {"name": name, "count": len(samples), "bytes": len(data),
             "sha256": shards.sha256(data), "keys": [d[0].key for d in done],
             "rejects": rejects, "_data": data}
@@ -104,29 +188,41 @@ def ingest(source: str, output: str, config: IngestConfig | None = None,
                          items[i:i + config.shard_size]))
 
     records: dict[str, dict] = {}
-    written = skipped = 0
-    progress = tqdm(total=len(assets), desc="ingest", unit="obj", mininterval=2.0)
-    progress.rejects = 0
-    start = time.time()
-    for split, name, items in plan:
+    todo = []
+    for split, name, items in plan:  # finished shards (record matches the plan) are skipped
         plan_hash = _plan_hash(config, identity["sha256"], [a.key for a in items])
         record_url = storage.join(output, name + ".json")
         if storage.exists(record_url) and storage.exists(storage.join(output, name)):
             record = json.loads(storage.read_bytes(record_url))
             if record.get("plan") == plan_hash:
                 records[name] = record
-                skipped += 1
-                progress.update(len(items))
-                progress.rejects += len(record["rejects"])
                 continue
-        record = _write_shard(name, items, config, teacher, progress)
+        todo.append((split, name, items, plan_hash, record_url))
+    skipped, written = len(records), 0
+    clock, texts = Stopwatch(), TextCache(teacher)
+    start = time.time()
+    pending = [a for _, _, items, _, _ in todo for a in items]
+    progress = tqdm(total=len(assets), initial=len(assets) - len(pending), desc="ingest",
+                    unit="obj", mininterval=2.0, smoothing=0.1)
+    rejected = sum(len(r["rejects"]) for r in records.values())
+    stream = triplets(pending, config, teacher.image_size)
+    for split, name, items, plan_hash, record_url in todo:
+        made = []
+        for asset in items:
+            made.append((asset, next(stream)))
+            clock.add(made[-1][1][2])
+            rejected += made[-1][1][0] is None
+            progress.update(1)
+            progress.set_postfix(rejects=rejected, refresh=False)
+        record = _write_shard(name, made, config, teacher, texts, clock)
         data = record.pop("_data")
         record.update(split=split, plan=plan_hash)
-        storage.write_bytes(storage.join(output, name), data)  # the shard first, whole
-        storage.write_bytes(record_url, json.dumps(record).encode())  # then its record
-        progress.rejects += len(record["rejects"])
+        with clock("write"):
+            storage.write_bytes(storage.join(output, name), data, config.multipart_mb)  # whole
+            storage.write_bytes(record_url, json.dumps(record).encode())  # then its record
         records[name] = record
         written += 1
+    stream.close()
     progress.close()
 
     rejects = [r for rec in records.values() for r in rec["rejects"]]
@@ -143,6 +239,8 @@ def ingest(source: str, output: str, config: IngestConfig | None = None,
         "image_size": teacher.image_size,
         "classes": labels,
         "rejected": len(rejects),
+        # this run's seconds per stage (objects from finished shards were not redone)
+        "seconds": {k: round(v, 3) for k, v in clock.seconds.items()},
         "splits": {
             split: {
                 "count": sum(r["count"] for r in records.values() if r["split"] == split),

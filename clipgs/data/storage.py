@@ -60,10 +60,10 @@ def read_bytes(url: str) -> bytes:
         raise StorageError(f"{url}: cannot read ({exc})") from None
 
 
-def write_bytes(url: str, data: bytes) -> None:
+def write_bytes(url: str, data: bytes, multipart_mb: int | None = None) -> None:
     """Write atomically: a reader never sees a half-written object under ``url``."""
     if is_s3(url):
-        upload_file_bytes(url, data)
+        upload_file_bytes(url, data, multipart_mb)
         return
     path = _local(url)
     path.parent.mkdir(parents=True, exist_ok=True)
