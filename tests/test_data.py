@@ -29,21 +29,41 @@ def test_voxels_to_gaussians_surface_only():
 
 
 def test_rendered_silhouette_matches_projected_points():
+    """A sphere of radius 0.5 made of small gaussians renders as the disk it projects to (plus
+    the ~2 px that thousands of overlapping footprints and the 0.3 px^2 low-pass add)."""
     rng = np.random.default_rng(0)
-    xyz = rng.normal(size=(3000, 3))
+    xyz = rng.normal(size=(6000, 3))
     xyz /= np.linalg.norm(xyz, axis=1, keepdims=True) * 2  # sphere of radius 0.5
-    pts = np.zeros((3000, 14), np.float32)
+    pts = np.zeros((6000, 14), np.float32)
     pts[:, :3], pts[:, 3:6], pts[:, 6], pts[:, 7:10], pts[:, 10] = xyz, 0.0, 0.95, 0.02, 1.0
     size = 64
-    image = render(pts, ring_cameras(1)[0], size).numpy()
-    drawn = image.mean(axis=2) < 0.5
-    cam = xyz @ ring_cameras(1)[0].numpy().T
-    u = ((cam[:, 0] * 0.95 + 1) * size / 2).astype(int)
-    v = ((1 - cam[:, 2] * 0.95) * size / 2).astype(int)
-    projected = np.zeros_like(drawn)
-    projected[v, u] = True
-    iou = (drawn & projected).sum() / (drawn | projected).sum()
-    assert iou > 0.85, iou
+    for camera in ring_cameras(3):
+        drawn = render(pts, camera, size).numpy().mean(axis=2) < 0.5
+        v, u = np.mgrid[0:size, 0:size] + 0.5
+        disk = (u - size / 2) ** 2 + (v - size / 2) ** 2 <= (0.5 * 0.95 * size / 2 + 2) ** 2
+        iou = (drawn & disk).sum() / (drawn | disk).sum()
+        assert iou > 0.9, iou
+        assert np.allclose([u[drawn].mean(), v[drawn].mean()], size / 2, atol=0.5)
+
+
+def test_flat_splats_render_flat():
+    """One disk-shaped gaussian: round seen face-on, a thin line seen edge-on (the projected
+    covariance, not an isotropic blob)."""
+    size = 64
+    camera = ring_cameras(1, elevation_deg=0, offset_deg=0)[0]  # looks along +y
+    splat = np.zeros((1, 14), np.float32)
+    splat[0, 3:6], splat[0, 6] = 0.0, 0.99
+    splat[0, 7:10] = [0.2, 0.2, 0.001]  # flat in its own z
+    face_on = [np.sqrt(0.5), -np.sqrt(0.5), 0, 0]  # its z turned onto the camera's view axis
+    edge_on = [1, 0, 0, 0]  # its z is the image's vertical: seen edge-on
+    areas = {}
+    for name, q in (("face", face_on), ("edge", edge_on)):
+        splat[0, 10:14] = q
+        dark = render(splat, camera, size, max_radius=8).numpy().mean(axis=2) < 0.9
+        rows, cols = np.nonzero(dark)
+        areas[name] = (np.ptp(rows) + 1, np.ptp(cols) + 1)
+    assert abs(areas["face"][0] - areas["face"][1]) <= 1  # round
+    assert areas["edge"][0] <= 2 and areas["edge"][1] >= 4 * areas["edge"][0]  # a thin line
 
 
 def test_ingest_resumes_and_reports_bad_objects(shared_data, tmp_path, teacher):

@@ -1,8 +1,9 @@
 """Rendered views of a gaussian object: alpha-composited, depth-sorted splatting in PyTorch.
 
-Thin on purpose (see README): each gaussian is drawn as an isotropic 2D gaussian whose radius is
-the geometric mean of its scales, under an orthographic camera on a ring around the object.
-Fragments are sorted by (pixel, depth) and composited front to back in one vectorised pass.
+Each gaussian's covariance is projected to the image (EWA splatting) under an orthographic
+camera on a ring around the object; fragments are sorted by (pixel, depth) and composited front
+to back in one vectorised pass. On a GPU with ``gsplat`` installed, :func:`render_views` uses
+gsplat's rasteriser instead (same cameras, orthographic).
 """
 
 from __future__ import annotations
@@ -33,31 +34,53 @@ def ring_cameras(k: int, elevation_deg: float = 20.0, offset_deg: float = 30.0) 
     return torch.stack(out)
 
 
+def quaternion_matrix(q: torch.Tensor) -> torch.Tensor:
+    """Unit quaternions (w, x, y, z) [N, 4] -> rotation matrices [N, 3, 3]."""
+    w, x, y, z = q.unbind(-1)
+    return torch.stack([
+        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+    ], dim=-1).view(-1, 3, 3)
+
+
 @torch.no_grad()
 def render(points: np.ndarray | torch.Tensor, rotation: torch.Tensor, size: int = 64,
            background: float = 1.0, max_radius: int = 4) -> torch.Tensor:
     """Render activated gaussians [N, 14] (normalised to the unit ball) from one camera.
 
-    Returns an image [size, size, 3] in [0, 1].
+    Each gaussian's 3D covariance R S S^T R^T is projected to the image (EWA splatting under an
+    orthographic camera, plus 3DGS's 0.3 px^2 low-pass), so flat splats look flat. Footprints
+    are cut at ``max_radius`` pixels. Returns an image [size, size, 3] in [0, 1].
     """
     p = torch.as_tensor(points, dtype=torch.float32)
     xyz = p[:, SLICES["xyz"]] @ rotation.T
     rgb = p[:, SLICES["rgb"]]
     opacity = p[:, SLICES["opacity"]][:, 0]
-    sigma_world = p[:, SLICES["scale"]].clamp_min(1e-6).log().mean(dim=1).exp()
     half = size / 2.0
     px = (xyz[:, 0] * 0.95 + 1.0) * half  # unit ball fills the frame with a small margin
     py = (1.0 - xyz[:, 2] * 0.95) * half
     depth = xyz[:, 1]
-    sigma = (sigma_world * 0.95 * half).clamp(0.5, max_radius / 2.0)
+    # image-plane covariance: rows x and z of the camera frame, in pixels
+    m = rotation[[0, 2]] @ quaternion_matrix(p[:, SLICES["rotation"]])  # [N, 2, 3]
+    m = m * p[:, None, SLICES["scale"]] * (0.95 * half)
+    cov = m @ m.transpose(1, 2)
+    # the image's z row points down: flip the sign of the off-diagonal term
+    a, b, c = cov[:, 0, 0], -cov[:, 0, 1], cov[:, 1, 1]
+    biggest = 0.5 * (a + c) + torch.sqrt((0.5 * (a - c)) ** 2 + b * b)
+    shrink = ((max_radius / 2.0) ** 2 / biggest.clamp_min(1e-12)).clamp(max=1.0)
+    a, b, c = a * shrink + 0.3, b * shrink, c * shrink + 0.3
+    det = a * c - b * b
+    ia, ib, ic = c / det, -b / det, a / det  # the conic (inverse covariance)
 
     offs = torch.arange(-max_radius, max_radius + 1, dtype=torch.float32)
     oy, ox = torch.meshgrid(offs, offs, indexing="ij")
     cx, cy = px.floor(), py.floor()
     fx = cx[:, None] + ox.reshape(1, -1)  # [N, W] pixel columns of each fragment
     fy = cy[:, None] + oy.reshape(1, -1)
-    d2 = (fx + 0.5 - px[:, None]) ** 2 + (fy + 0.5 - py[:, None]) ** 2
-    alpha = (opacity[:, None] * torch.exp(-0.5 * d2 / sigma[:, None] ** 2)).clamp(max=0.99)
+    dx, dy = fx + 0.5 - px[:, None], fy + 0.5 - py[:, None]
+    power = ia[:, None] * dx * dx + 2 * ib[:, None] * dx * dy + ic[:, None] * dy * dy
+    alpha = (opacity[:, None] * torch.exp(-0.5 * power)).clamp(max=0.99)
     keep = (alpha > 1.0 / 255.0) & (fx >= 0) & (fx < size) & (fy >= 0) & (fy < size)
     gidx = torch.arange(len(p))[:, None].expand_as(fx)[keep]
     pix = (fy[keep] * size + fx[keep]).long()
