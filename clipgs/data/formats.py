@@ -68,11 +68,21 @@ def _check_rotation(path: str, q: np.ndarray, tolerance: float) -> None:
 
 
 def finish(path: str, cloud: GaussianCloud, tolerance: float = QUAT_TOLERANCE,
-           matrix: np.ndarray | None = None) -> GaussianCloud:
+           matrix: np.ndarray | None = None, rot_column: int = -1) -> GaussianCloud:
     """Checks shared by every format. ``matrix``: the whole float body when the fields are
-    views of it, so one pass over it checks finiteness (the common, fast case)."""
+    views of it (the common case), so one compiled pass checks it all."""
     if len(cloud) == 0:
         raise GaussianFormatError(path, "zero gaussians; expected at least one")
+    if matrix is not None and rot_column >= 0:
+        from clipgs.data.checks import scan
+
+        first_bad, zero, off = scan(matrix, rot_column, tolerance)
+        if first_bad < 0 and zero == 0:
+            if off:
+                log.warning("%s: %d of %d quaternions are not unit length; normalised", path,
+                            off, len(cloud))
+            return cloud
+        matrix = None  # something is wrong: the field-by-field checks below name it
     if matrix is None or not np.isfinite(matrix).all():
         fields = ("xyz", "f_dc", "opacity", "scale", "rotation", "f_rest", "normals")
         for name in fields:
@@ -105,7 +115,10 @@ def _gaussians_from_ply(source, header: ply.Header, path: str) -> GaussianCloud:
         f_rest=cols(rest) if rest else np.zeros((n, 0), np.float32),
         normals=cols(["nx", "ny", "nz"]) if {"nx", "ny", "nz"} <= set(names) else None,
     )
-    return finish(path, cloud, matrix=body if isinstance(body, np.ndarray) else None)
+    rot = [names.index(f"rot_{i}") for i in range(4)]
+    if isinstance(body, np.ndarray) and rot == list(range(rot[0], rot[0] + 4)):
+        return finish(path, cloud, matrix=body, rot_column=rot[0])
+    return finish(path, cloud)
 
 
 def _from_gsdata(data, path: str) -> GaussianCloud:

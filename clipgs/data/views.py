@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 
 import numpy as np
 import torch
@@ -120,10 +121,50 @@ def single_thread():
         torch.set_num_threads(before)
 
 
+def gsplat_available() -> bool:
+    """gsplat's CUDA rasteriser is used when a GPU and the package are there, unless
+    CLIPGS_RENDERER=torch asks for the CPU renderer."""
+    if os.environ.get("CLIPGS_RENDERER", "auto") == "torch" or not torch.cuda.is_available():
+        return False
+    try:
+        import gsplat  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@torch.no_grad()
+def render_gsplat(points: np.ndarray, cameras: torch.Tensor, size: int,
+                  background: float = 1.0) -> torch.Tensor:
+    """The same ring cameras through gsplat (orthographic): [K, size, size, 3] in [0, 1].
+    Not exercised by the CPU test suite; see the README."""
+    from gsplat import rasterization
+
+    dev = torch.device("cuda")
+    p = torch.as_tensor(points, dtype=torch.float32, device=dev)
+    # our camera frame is (x right, y forward, z up); gsplat's is OpenCV's (x right, y down,
+    # z forward), with the object pushed in front of the camera
+    to_cv = torch.tensor([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]], device=dev)
+    k = len(cameras)
+    view = torch.eye(4, device=dev).repeat(k, 1, 1)
+    view[:, :3, :3] = to_cv @ cameras.to(dev)
+    view[:, 2, 3] = 3.0
+    f, c = 0.95 * size / 2.0, size / 2.0
+    intrinsics = torch.tensor([[f, 0, c], [0, f, c], [0, 0, 1]], device=dev).repeat(k, 1, 1)
+    colours, _, _ = rasterization(
+        p[:, SLICES["xyz"]], p[:, SLICES["rotation"]], p[:, SLICES["scale"]],
+        p[:, SLICES["opacity"]][:, 0], p[:, SLICES["rgb"]], view, intrinsics, size, size,
+        camera_model="ortho", backgrounds=torch.full((k, 3), background, device=dev))
+    return colours.clamp(0, 1).cpu()
+
+
 def render_views(points: np.ndarray, k: int, size: int) -> list[np.ndarray]:
     """K views on a ring, as uint8 [size, size, 3] arrays."""
+    cameras = ring_cameras(k)
+    if gsplat_available():
+        return list((render_gsplat(points, cameras, size) * 255).round().byte().numpy())
     with single_thread():
-        return [(render(points, r, size) * 255).round().byte().numpy() for r in ring_cameras(k)]
+        return [(render(points, r, size) * 255).round().byte().numpy() for r in cameras]
 
 
 def to_png(image: np.ndarray) -> bytes:
