@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import queue
 import tarfile
+import threading
 import time
 from typing import Iterator
 
@@ -99,9 +101,71 @@ def check_teacher(manifest: dict, teacher_identity: dict, dataset: str) -> None:
             "teacher")
 
 
+class _ReadAhead(io.RawIOBase):
+    """botocore's StreamingBody as a raw stream that a thread reads ahead of the consumer in
+    large chunks: tarfile asks for a few KB at a time, each small read of the HTTP body costs,
+    and the network wait overlaps decoding (measured on loopback: 0.37x of local-folder
+    throughput with plain small reads, see benchmarks/s3_stream.py for the figure now)."""
+
+    def __init__(self, body, chunk: int, depth: int = 4):
+        self.body, self.chunk = body, chunk
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.pending = memoryview(b"")
+        self.stop = threading.Event()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _put(self, item) -> None:
+        while not self.stop.is_set():  # a closed reader never leaves this thread blocked
+            try:
+                return self.queue.put(item, timeout=0.2)
+            except queue.Full:
+                continue
+
+    def _pump(self) -> None:
+        try:
+            while not self.stop.is_set():
+                data = self.body.read(self.chunk)
+                self._put(data)
+                if not data:
+                    return
+        except Exception as exc:  # handed to the reader, raised there
+            self._put(exc)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if not self.pending:
+            item = self.queue.get()
+            if isinstance(item, Exception):
+                raise StorageError(f"S3 stream broke ({item})")
+            if not item:
+                self.queue.put(item)  # stay at EOF
+                return 0
+            self.pending = memoryview(item)
+        n = min(len(buffer), len(self.pending))
+        buffer[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+    def close(self) -> None:
+        self.stop.set()
+        while not self.queue.empty():  # unblock the pump so it sees the stop
+            self.queue.get_nowait()
+        self.body.close()
+        super().close()
+
+
+S3_READ_BYTES = 4 * 2**20
+
+
 def _open_s3(url: str, mode: str = "rb", bufsize: int = 8192):
     bucket, key = storage._split(url)
-    return storage.s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+    try:
+        body = storage.s3_client().get_object(Bucket=bucket, Key=key)["Body"]
+    except Exception as exc:
+        raise StorageError(f"{url}: cannot read ({exc})") from None
+    return io.BufferedReader(_ReadAhead(body, S3_READ_BYTES), 256 * 1024)
 
 
 def register_s3_scheme() -> None:
