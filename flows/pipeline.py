@@ -1,105 +1,133 @@
-"""The retraining pipeline as one Prefect flow with a task per stage:
-(generate primitives if no source) -> ingest -> train -> evaluate -> register -> promote.
+"""The retraining flow: (generate primitives if no source) -> ingest -> train -> evaluate ->
+register -> promote, each stage a flow or task of flows/stages.py.
 
-With no PREFECT_API_URL set, Prefect runs it on its ephemeral local API: nothing to start.
+Each finished stage is recorded in the workdir's stage ledger (flows/ledger.py), so a retrain
+that failed half-way resumes from the last finished stage when run again with the same
+config (a retrain that completed does not: the next one starts afresh). Every run leaves a
+Prefect artifact with the metrics and the promotion decision.
+
+With no PREFECT_API_URL set, Prefect runs it on its ephemeral local API: nothing to start
+(`clipgs pipeline`); prefect.yaml deploys the same flow to a work pool.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any, Callable, Literal
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
 
 from clipgs.config import PipelineConfig, load_config, to_yaml
+from clipgs.data import storage
+from clipgs.errors import ConfigError
+from flows.kube import KubeTrainConfig
+from flows.ledger import StageLedger, stage_key
+from flows.stages import (evaluate_flow, generate_task, ingest_flow, promote_flow,
+                          register_task, tracking, train_flow)
 
-
-@task(name="generate-primitives")
-def generate_task(out: str, per_class: int) -> str:
-    from clipgs.data.synthetic import generate
-
-    return str(generate(out, per_class=per_class))
-
-
-@task(name="ingest", retries=1, retry_delay_seconds=5)
-def ingest_task(source: str, output: str, config: dict) -> dict:
-    from clipgs.config import IngestConfig
-    from clipgs.data.ingest import ingest
-
-    result = ingest(source, output, IngestConfig.model_validate(config))
-    return {"output": output, "train": result.manifest["splits"]["train"]["count"],
-            "test": result.manifest["splits"]["test"]["count"],
-            "rejected": len(result.rejects)}
-
-
-@task(name="train")
-def train_task(config_path: str) -> dict:
-    from clipgs.train.launch import train
-
-    return train(config_path, [])
-
-
-@task(name="evaluate")
-def evaluate_task(package: str, data: str, run_id: str, tracking_uri: str, config: dict
-                  ) -> dict:
-    from clipgs.config import EvalConfig
-    from clipgs.eval.evaluate import evaluate, log_to_mlflow
-
-    result = evaluate(package, data, EvalConfig.model_validate(config))
-    log_to_mlflow(result, run_id, tracking_uri)
-    return result["metrics"]
-
-
-@task(name="register", retries=2, retry_delay_seconds=5)
-def register_task(run_id: str, tracking_uri: str, name: str) -> str:
-    from clipgs.registry.registry import register
-
-    return register(run_id, tracking_uri, name)
-
-
-@task(name="promote", retries=1, retry_delay_seconds=5)
-def promote_task(name: str, version: str, data: str, tracking_uri: str, promote_cfg: dict,
-                 eval_cfg: dict) -> dict:
-    from clipgs.config import EvalConfig, PromoteConfig
-    from clipgs.registry.registry import promote
-
-    return promote(name, data, tracking_uri, PromoteConfig.model_validate(promote_cfg), version,
-                   EvalConfig.model_validate(eval_cfg))
+ARTIFACT_KEY = "clipgs-retrain"
 
 
 @flow(name="clipgs-retrain")
-def retrain_flow(config: dict, tracking_uri: str) -> dict:
-    cfg = PipelineConfig.model_validate(config)
+def retrain_flow(config: PipelineConfig = PipelineConfig(), tracking_uri: str | None = None,
+                 backend: Literal["local", "kubernetes"] = "local",
+                 kube: KubeTrainConfig | None = None,
+                 serving_deployment: str | None = None) -> dict:
+    cfg = config
+    tracking_uri = tracking(tracking_uri)
     logger = get_run_logger()
-    work = Path(cfg.workdir)
-    source = cfg.source or generate_task(str(work / "primitives"), cfg.primitives_per_class)
-    shards = str(work / "shards")
-    ingested = ingest_task(source, shards, cfg.ingest.model_dump(mode="json"))
+    ledger = StageLedger(cfg.workdir)
+    if ledger.resuming:
+        logger.info("resuming an unfinished retrain: %s lists %s", ledger.url, list(ledger.stages))
+    ran: list[str] = []
+    skipped: list[str] = []
+
+    def stage(name: str, inputs: dict, run: Callable[[], Any]) -> Any:
+        key = stage_key(name, inputs)
+        done = ledger.finished(name, key)
+        if done is not None:
+            logger.info("stage %s finished in an earlier run (%s): skipped", name, ledger.url)
+            skipped.append(name)
+            return done
+        out = run()
+        ledger.record(name, key, out, flow_run.get_id())
+        ran.append(name)
+        return out
+
+    local = not storage.is_s3(cfg.workdir)
+    if backend == "local" and not local:
+        raise ConfigError(f"workdir={cfg.workdir}: local training writes to a local folder")
+    source = cfg.source
+    if source is None:
+        if not local:
+            raise ConfigError("source: give the assets (s3://...) when the workdir is in S3")
+        out = storage.join(cfg.workdir, "primitives")
+        source = stage("generate", {"out": out, "per_class": cfg.primitives_per_class},
+                       lambda: generate_task(out, cfg.primitives_per_class))
+    shards = storage.join(cfg.workdir, "shards")
+    ingested = stage("ingest", {"source": source, "output": shards,
+                                "config": cfg.ingest.model_dump(mode="json")},
+                     lambda: ingest_flow(source, shards, cfg.ingest))
     logger.info("ingested: %s", ingested)
 
     train_cfg = cfg.train.model_copy(deep=True)
     train_cfg.data = shards
-    train_cfg.output_dir = str(work / "train")
+    train_cfg.output_dir = storage.join(cfg.workdir, "train")
     train_cfg.tracking.tracking_uri = tracking_uri
-    config_path = work / "train_config.yaml"
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(to_yaml(train_cfg))
-    trained = train_task(str(config_path))
+    trained = stage("train", {"config": train_cfg.model_dump(mode="json"), "data": ingested,
+                              "backend": backend,
+                              "kube": kube.model_dump(mode="json") if kube else None},
+                    lambda: train_flow(train_cfg, backend, kube, cfg.workdir))
 
-    metrics = evaluate_task(trained["package"], shards, trained["run_id"], tracking_uri,
-                            cfg.eval.model_dump(mode="json"))
-    version = register_task(trained["run_id"], tracking_uri, cfg.model_name)
-    decision = promote_task(cfg.model_name, version, shards, tracking_uri,
-                            cfg.promote.model_dump(mode="json"), cfg.eval.model_dump(mode="json"))
-    return {"ingested": ingested, "training_run_id": trained["run_id"],
-            "metrics": metrics, "model": f"models:/{cfg.model_name}/{version}",
-            "promotion": {k: decision[k] for k in ("promoted", "reason")},
-            "champion": f"models:/{cfg.model_name}@champion",
-            "look_at": f"mlflow ui --backend-store-uri {tracking_uri}  (then open "
-                       "http://127.0.0.1:5000, experiment 'clipgs')"}
+    metrics = stage("evaluate", {"model": trained["package"], "run_id": trained["run_id"],
+                                 "data": shards, "config": cfg.eval.model_dump(mode="json")},
+                    lambda: evaluate_flow(trained["package"], shards, cfg.eval,
+                                          trained["run_id"], tracking_uri))
+    version = stage("register", {"run_id": trained["run_id"], "name": cfg.model_name,
+                                 "tracking_uri": tracking_uri},
+                    lambda: register_task(trained["run_id"], tracking_uri, cfg.model_name))
+    decision = stage("promote", {"version": version, "data": shards,
+                                 "config": cfg.promote.model_dump(mode="json"),
+                                 "eval": cfg.eval.model_dump(mode="json")},
+                     lambda: promote_flow(shards, cfg.model_name, version=version,
+                                          config=cfg.promote, eval_config=cfg.eval,
+                                          tracking_uri=tracking_uri,
+                                          serving_deployment=serving_deployment))
+    summary = {"ingested": ingested, "training_run_id": trained["run_id"], "metrics": metrics,
+               "model": f"models:/{cfg.model_name}/{version}",
+               "promotion": {k: decision[k] for k in ("promoted", "reason")},
+               "champion": f"models:/{cfg.model_name}@champion",
+               "stages": {"ran": ran, "skipped": skipped, "ledger": ledger.url},
+               "look_at": f"mlflow ui --backend-store-uri {tracking_uri}  (then open "
+                          "http://127.0.0.1:5000, experiment 'clipgs')"}
+    ledger.complete()
+    _report(summary, decision)
+    return summary
+
+
+def _report(summary: dict, decision: dict) -> None:
+    """The run's artifact: metrics of the challenger (and the champion it was compared to, as
+    the registry recorded them) and the decision."""
+    metrics = summary["metrics"]
+    create_table_artifact(key=ARTIFACT_KEY + "-metrics", table=[
+        {"metric": k, "value": round(float(v), 4)} for k, v in sorted(metrics.items())],
+        description=f"evaluation of {summary['model']}")
+    rows = "\n".join(f"| {k} | {float(v):.4f} |" for k, v in sorted(metrics.items()))
+    verdict = "promoted to champion" if decision["promoted"] else "not promoted"
+    create_markdown_artifact(key=ARTIFACT_KEY, description="retrain: metrics and promotion",
+                             markdown=(
+        f"# Retrain of {summary['model']}\n\n"
+        f"**Decision: {verdict}.** {decision['reason']}\n\n"
+        f"Training run `{summary['training_run_id']}`; stages run: "
+        f"{', '.join(summary['stages']['ran']) or 'none'}; resumed (skipped): "
+        f"{', '.join(summary['stages']['skipped']) or 'none'}.\n\n"
+        f"| metric | value |\n|---|---|\n{rows}\n"))
 
 
 def retrain_pipeline(config_path: str | None = None, overrides: list[str] | None = None,
                      tracking_uri: str = "sqlite:///mlflow.db") -> dict:
+    """`clipgs pipeline`: load and print the config, then run the retraining flow."""
     config = load_config(PipelineConfig, config_path, overrides)
     print(to_yaml(config))
-    return retrain_flow(config.model_dump(mode="json"), tracking_uri)
+    return retrain_flow(config, tracking_uri)

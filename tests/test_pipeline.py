@@ -1,5 +1,6 @@
-"""The whole pipeline at tiny scale under Prefect's test harness, then the registry's gate and
-the registered model used through `clipgs embed`."""
+"""The whole pipeline at tiny scale under Prefect's test harness: a retrain that fails at its
+last stage, resumed by a second run that skips the finished stages; then the registry's gate
+and the registered model used through `clipgs embed`."""
 
 import json
 
@@ -13,21 +14,61 @@ def pipeline_run(tmp_path_factory):
 
     from flows.pipeline import retrain_pipeline
 
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from clipgs.errors import ClipgsError
+    from flows.pipeline import ARTIFACT_KEY
+
     root = tmp_path_factory.mktemp("pipeline")
     db = f"sqlite:///{root}/mlflow.db"
-    with prefect_test_harness(server_startup_timeout=120):
-        summary = retrain_pipeline(overrides=[
-            f"workdir={root}/work", "primitives_per_class=6", "train.steps=6",
+    tiny = [f"workdir={root}/work", "primitives_per_class=6", "train.steps=6",
             "train.micro_batch=4", "train.log_every=3", "train.loader_workers=0",
-            "ingest.points=512", "ingest.views=2"], tracking_uri=db)
-    return root, db, summary
+            "ingest.points=512", "ingest.views=2"]
+    with prefect_test_harness(server_startup_timeout=120):
+        # the gate names a metric the evaluation does not produce: the retrain fails at its
+        # last stage, after training
+        with pytest.raises((ClipgsError, KeyError), match="no_such_metric"):
+            retrain_pipeline(overrides=tiny + ["promote.metric=no_such_metric"],
+                             tracking_uri=db)
+        failed = json.loads((root / "work" / "stages.json").read_text())
+        assert failed["complete"] is False
+        failed_ledger = failed["stages"]
+        summary = retrain_pipeline(overrides=tiny, tracking_uri=db)
+        # a finished retrain is not resumed: the next one starts afresh
+        assert json.loads((root / "work" / "stages.json").read_text())["complete"] is True
+        with get_client(sync_client=True) as client:
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[ARTIFACT_KEY, ARTIFACT_KEY + "-metrics"])))
+    return root, db, summary, failed_ledger, artifacts
+
+
+@pytest.mark.slow
+def test_failed_retrain_resumes_from_its_last_finished_stage(pipeline_run):
+    import mlflow
+
+    root, db, summary, failed_ledger, artifacts = pipeline_run
+    assert list(failed_ledger) == ["generate", "ingest", "train", "evaluate", "register"]
+    assert summary["stages"]["skipped"] == list(failed_ledger)
+    assert summary["stages"]["ran"] == ["promote"]
+    assert summary["training_run_id"] == failed_ledger["train"]["output"]["run_id"]
+    mlflow.set_tracking_uri(db)
+    training_runs = mlflow.search_runs(experiment_names=["clipgs"],
+                                       filter_string="tags.`clipgs.stage` = 'train'")
+    assert len(training_runs) == 1  # trained once across both runs
+    # the run's artifacts: the metrics table and the decision with its reason
+    markdown = next(a for a in artifacts if a.type == "markdown").data
+    assert "promoted to champion" in markdown and "zeroshot_top1" in markdown
+    assert "resumed (skipped): generate, ingest, train, evaluate, register" in markdown
+    table = next(a for a in artifacts if a.type == "table").data
+    assert "zeroshot_top1" in str(table)
 
 
 @pytest.mark.slow
 def test_pipeline_ends_with_a_champion(pipeline_run):
     import mlflow
 
-    root, db, summary = pipeline_run
+    root, db, summary, *_ = pipeline_run
     assert summary["ingested"]["train"] + summary["ingested"]["test"] == 36
     assert summary["promotion"]["promoted"] is True
     mlflow.set_tracking_uri(db)
@@ -47,7 +88,7 @@ def test_gate_keeps_champion_unless_strictly_better(pipeline_run):
 
     from clipgs.registry.registry import promote, register
 
-    root, db, summary = pipeline_run
+    root, db, summary, *_ = pipeline_run
     mlflow.set_tracking_uri(db)
     client = mlflow.MlflowClient()
     before = client.get_model_version_by_alias("clipgs", "champion").version
@@ -65,7 +106,7 @@ def test_embed_with_the_champion(pipeline_run, shared_data, capsys):
     from clipgs.cli import main
     from clipgs.embed import embed_files
 
-    root, db, summary = pipeline_run
+    root, db, summary, *_ = pipeline_run
     files = [str(shared_data / "splats/cat/cat_10k.splat"),
              str(shared_data / "gaussians/splatapult_test.ply")]
     assert main(["embed", "--tracking-uri", db, "--out", str(root / "e.npy"), *files]) == 0

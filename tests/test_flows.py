@@ -1,0 +1,250 @@
+"""The stage flows under Prefect's test harness: which failures retry, a stage that meets a
+real transient S3 failure once and is retried, a hard failure that is not, and the objects the
+train flow submits to Kubernetes (built from the chart, validated against the schemas; no
+cluster here, so submit/wait are not exercised)."""
+
+import socket
+import threading
+
+import pytest
+import yaml
+
+from clipgs.config import IngestConfig, TrainConfig, load_config
+from clipgs.errors import ConfigError, StorageError
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _task_runs(prefix: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(limit=200, sort=TaskRunSort.EXPECTED_START_TIME_DESC)
+    return [r for r in runs if r.name.startswith(prefix)]
+
+
+class FlakyProxy:
+    """A loopback TCP proxy that hangs up on its first ``drop`` connections, then forwards to
+    ``target``: an object store that is unreachable for a while, as clients really see it."""
+
+    def __init__(self, target: int, drop: int):
+        self.target, self.drop, self.dropped, self.forwarded = target, drop, 0, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.dropped < self.drop:
+                self.dropped += 1
+                conn.close()
+                continue
+            self.forwarded += 1
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.sock.close()
+
+
+def test_only_transient_failures_retry():
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import ClientError
+    from kubernetes.client.exceptions import ApiException
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE
+
+    from flows.retry import is_transient
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    # a real connection failure, wrapped the way clipgs.data.storage wraps it (from None)
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{closed}",
+                          aws_access_key_id="x", aws_secret_access_key="x",
+                          region_name="us-east-1", config=Config(retries={"max_attempts": 1}))
+    try:
+        try:
+            client.list_buckets()
+        except Exception:
+            raise StorageError("s3://clipgs/x: cannot read") from None
+    except StorageError as exc:
+        wrapped = exc
+    assert is_transient(wrapped)
+    slow = ClientError({"Error": {"Code": "SlowDown"},
+                        "ResponseMetadata": {"HTTPStatusCode": 503}}, "GetObject")
+    missing = ClientError({"Error": {"Code": "NoSuchKey"},
+                           "ResponseMetadata": {"HTTPStatusCode": 404}}, "GetObject")
+    assert is_transient(slow) and not is_transient(missing)
+    assert is_transient(MlflowException("busy", error_code=TEMPORARILY_UNAVAILABLE))
+    assert not is_transient(MlflowException("no", error_code=RESOURCE_DOES_NOT_EXIST))
+    assert not is_transient(MlflowException("bad input"))  # INTERNAL_ERROR by default
+    assert is_transient(ApiException(status=503)) and not is_transient(ApiException(status=403))
+    for hard in (ConfigError("bad field"), KeyError("metric"), ValueError("x"), None):
+        assert not is_transient(hard)
+
+
+@pytest.mark.slow
+def test_ingest_retries_a_transient_s3_failure(s3_server, tmp_path, monkeypatch, harness):
+    from pathlib import Path
+
+    from clipgs.data import storage
+    from clipgs.data.synthetic import generate
+    from flows.stages import ingest_flow
+
+    src = generate(tmp_path / "prims", per_class=2, gaussians=512)
+    for f in sorted(p for p in Path(src).rglob("*") if p.is_file()):
+        storage.write_bytes(f"{s3_server}/assets/{f.relative_to(src)}", f.read_bytes())
+    moto_port = int(storage.s3_client().meta.endpoint_url.rsplit(":", 1)[1])
+    # botocore makes 5 attempts per request (clipgs.data.storage); 7 hang-ups fail Prefect's
+    # first attempt of the stage and leave the second to succeed
+    proxy = FlakyProxy(moto_port, drop=7)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    storage._client_for_pid.cache_clear()
+    try:
+        out = ingest_flow(f"{s3_server}/assets", str(tmp_path / "shards"),
+                          IngestConfig(points=256, views=1, shard_size=8))
+    finally:
+        proxy.close()
+    assert out["train"] + out["test"] == 12 and out["rejected"] == 0
+    assert proxy.dropped == 7 and proxy.forwarded > 0
+    (run,) = [r for r in _task_runs("ingest") if r.flow_run_id and r.state.is_completed()]
+    assert run.run_count == 2  # failed once on the hang-ups, retried after the back-off
+
+
+def test_hard_failure_is_not_retried(tmp_path, harness):
+    from flows.stages import ingest_flow
+
+    (tmp_path / "empty").mkdir()
+    before = {r.id for r in _task_runs("ingest")}
+    state = ingest_flow(str(tmp_path / "empty"), str(tmp_path / "out"), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(StorageError, match="no objects found"):
+        state.result()
+    (run,) = [r for r in _task_runs("ingest") if r.id not in before]
+    assert run.run_count == 1 and run.state.is_failed()
+
+
+def test_kubernetes_training_objects_from_the_chart():
+    import kubernetes_validate
+    from kubernetes.client import ApiClient
+
+    from flows.kube import KubeTrainConfig, job_name, train_objects
+
+    config = load_config(TrainConfig, None, ["data=s3://clipgs/shards", "zero_stage=3",
+                                             "tracking.tracking_uri=http://mlflow:5000"])
+    kube = KubeTrainConfig(namespace="ml", values={
+        "train": {"nodes": 3, "gpusPerNode": 8, "nodeSelector": {"gpu": "h100"}},
+        "s3": {"credentialsSecret": "s3-credentials"}})
+    objects = train_objects(config, kube, "train-1a2b3c4d")
+    assert sorted(o["kind"] for o in objects) == ["ConfigMap", "Job", "NetworkPolicy", "Service"]
+    api = ApiClient()
+    for obj in objects:
+        kubernetes_validate.validate(obj, "1.30", strict=True)
+        typed = api._ApiClient__deserialize(obj, f"V1{obj['kind']}")  # what submit() sends
+        assert typed.metadata.namespace == "ml"
+    name = job_name(objects)
+    assert name == "train-1a2b3c4d-clipgs-train"
+    job = next(o for o in objects if o["kind"] == "Job")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert "--nnodes=3" in container["args"] and "--nproc_per_node=8" in container["args"]
+    assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow:5000"} in container["env"]
+    cm = next(o for o in objects if o["kind"] == "ConfigMap")
+    mounted = TrainConfig.model_validate(yaml.safe_load(cm["data"]["train.yaml"]))
+    assert mounted.tracking.run_name == name and mounted.zero_stage == 3
+    assert mounted.output_dir == "/workspace/train" and mounted.data == "s3://clipgs/shards"
+
+    with pytest.raises(ConfigError, match="s3://"):
+        train_objects(TrainConfig(data="work/shards"), kube, "train-x")
+    with pytest.raises(ConfigError, match="/train/nodes"):
+        train_objects(config, KubeTrainConfig(values={"train": {"nodes": 0}}), "train-x")
+
+
+def test_prefect_yaml_deployments_are_runnable():
+    """Every deployment names a flow that loads, parameters that flow accepts, a pool that
+    exists here or in the chart, and (Kubernetes) job variables the pool's template defines."""
+    import json
+    from pathlib import Path
+
+    import jsonschema
+    from prefect.flows import load_flow_from_entrypoint
+
+    root = Path(__file__).resolve().parents[1]
+    spec = yaml.safe_load((root / "prefect.yaml").read_text())
+    template = json.loads((root / "charts/clipgs/files/kubernetes-work-pool.json").read_text())
+    variables = {**template["variables"], "additionalProperties": False}
+    names = set()
+    for d in spec["deployments"]:
+        names.add(d["name"])
+        flow = load_flow_from_entrypoint(str(root / d["entrypoint"]))
+        flow.validate_parameters(d.get("parameters", {}))
+        pool = d["work_pool"]["name"]
+        assert pool in ("clipgs-local", "clipgs-kubernetes"), pool
+        if pool == "clipgs-kubernetes":
+            jsonschema.validate(d["work_pool"]["job_variables"], variables)
+            assert d["pull"][0]["prefect.deployments.steps.set_working_directory"][
+                "directory"] == "/opt/clipgs"  # where infra/Dockerfile.* put the code
+    assert {"retrain-local", "retrain-nightly", "ingest", "evaluate"} <= names
+    nightly = next(d for d in spec["deployments"] if d["name"] == "retrain-nightly")
+    assert nightly["schedules"][0]["cron"] == "0 2 * * *"
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_infra_deepspeed_configs_are_what_the_trainer_derives(stage):
+    """infra/deepspeed/zero{1,2,3}.json document the config of the reference cluster shape
+    (2 nodes x 8 GPUs, default TrainConfig): they must not drift from the derivation."""
+    import json
+    from pathlib import Path
+
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from clipgs.train.trainer import deepspeed_config
+
+    path = Path(__file__).resolve().parents[1] / "infra" / "deepspeed" / f"zero{stage}.json"
+    written = json.loads(path.read_text())
+    assert written == deepspeed_config(TrainConfig(zero_stage=stage), world_size=16, on_gpu=True)
+    assert DeepSpeedZeroConfig(**written["zero_optimization"]).stage == stage
+
+
+def test_stage_ledger_resumes_only_unfinished_retrains(tmp_path):
+    from flows.ledger import StageLedger, stage_key
+
+    ledger = StageLedger(str(tmp_path))
+    key = stage_key("ingest", {"source": "s3://a", "points": 512})
+    assert key != stage_key("ingest", {"source": "s3://a", "points": 1024})
+    ledger.record("ingest", key, {"train": 24}, "run-1")
+    again = StageLedger(str(tmp_path))  # the retrain failed after ingest: resume
+    assert again.resuming and again.finished("ingest", key) == {"train": 24}
+    assert again.finished("ingest", "another-key") is None  # inputs changed: run it again
+    again.complete()
+    assert not StageLedger(str(tmp_path)).resuming  # a finished retrain starts afresh
+    (tmp_path / "stages.json").write_text("[1, 2]")
+    with pytest.raises(StorageError, match="not a stage ledger"):
+        StageLedger(str(tmp_path))
