@@ -147,3 +147,31 @@ def test_ingest_a_folder_of_meshes_and_points(tmp_path, teacher):
     red = samples["red_box"]
     assert red["gaussians"].shape == (512, 14) and red["views"].shape[0] == 2
     assert red["gaussians"][:, SLICES["rgb"]].mean(0)[0] > 0.8
+
+
+def test_bad_sidecars_and_oversized_files_reject_only_their_object(tmp_path, monkeypatch):
+    from clipgs.data import sources
+
+    src = tmp_path / "assets"
+    for name in ("good", "listmeta", "badjson", "huge"):
+        (src / name).mkdir(parents=True)
+        (src / name / f"{name}.obj").write_text(_box((9, 9, 9)).export(file_type="obj"))
+    (src / "good" / "thumb.png").write_bytes(b"not a png")  # a broken view: rendered instead
+    (src / "listmeta" / "meta.json").write_text("[1, 2]")
+    (src / "badjson" / "meta.json").write_text("{title:")
+    (src / "huge" / "huge.obj").write_text("v 0 0 0\n" * 5000)
+    monkeypatch.setattr(sources, "MAX_FILE_BYTES", 20_000)
+    assets = {a.key: a for a in discover(str(src), mesh_samples=200)}
+    errors = {}
+    for key, asset in assets.items():
+        try:
+            asset.load()
+        except GaussianFormatError as err:
+            errors[key] = str(err)
+    assert set(errors) == {"listmeta", "badjson", "huge"}
+    assert "a JSON list; expected an object" in errors["listmeta"]
+    assert "not valid JSON" in errors["badjson"] and "over the limit" in errors["huge"]
+    from clipgs.data.ingest import make_triplet
+
+    points, views = make_triplet(assets["good"], IngestConfig(points=128, views=2), 32)
+    assert views.shape == (2, 32, 32, 3)

@@ -78,7 +78,12 @@ def make_triplet(asset: Asset, config: IngestConfig, image_size: int,
     clock = clock or Stopwatch()
     with clock("read"):
         cloud = asset.load()
-        views = [load_image(storage.read_bytes(u), image_size) for u in asset.image_urls]
+        views = []
+        for url in asset.image_urls:  # a broken thumbnail costs a rendered view, not the object
+            try:
+                views.append(load_image(storage.read_bytes(url), image_size))
+            except Exception as exc:
+                log.warning("%s: image not used (%s); rendering a view instead", url, exc)
     with clock("resample"):
         rng = np.random.default_rng(zlib.crc32(asset.key.encode()) + config.seed)
         points = resample(cloud.activated(), config.points, rng)

@@ -20,7 +20,9 @@ import json
 import posixpath
 import re
 import zlib
+import os
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -28,13 +30,15 @@ import numpy as np
 
 from clipgs.data.formats import FORMATS, GAUSSIAN_SUFFIXES, read_gaussians
 from clipgs.data.gaussians import GaussianCloud
-from clipgs.data.storage import list_files, read_bytes
-from clipgs.errors import GaussianFormatError
+from clipgs.data.storage import list_sizes, read_bytes
+from clipgs.errors import GaussianFormatError, StorageError
 
 MODELNET10_CLASSES = ("bathtub", "bed", "chair", "desk", "dresser", "monitor", "night_stand",
                       "sofa", "table", "toilet")
 PROMPT = "a 3D model of a {}"
 TEST_FRACTION = 0.2
+# objects larger than this are refused before reading (a memory guard)
+MAX_FILE_BYTES = int(float(os.environ.get("CLIPGS_MAX_FILE_MB", 4096)) * 2**20)
 
 
 @dataclass
@@ -71,30 +75,61 @@ def _sidecar_text(meta: dict, fallback: str) -> str:
     return f"{text}, tagged {', '.join(tags)}" if tags else text
 
 
-def _object_assets(files: list[str], root: str, mesh_samples: int) -> list[Asset]:
+def _try_read(url: str) -> bytes | StorageError:
+    try:
+        return read_bytes(url)
+    except StorageError as exc:
+        return exc
+
+
+def _fetch(urls: list[str]) -> dict[str, bytes | StorageError]:
+    """Sidecars of thousands of objects in object storage: fetched concurrently (latency-bound),
+    a failure kept as the value (it rejects that object, not the run)."""
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        return dict(zip(urls, pool.map(_try_read, urls)))
+
+
+def _meta(url: str | None, fetched: dict) -> dict:
+    if url is None:
+        return {}
+    data = fetched[url]
+    if isinstance(data, Exception):
+        return {"_error": str(data)}
+    try:
+        meta = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return {"_error": f"{url}: not valid JSON ({exc}); expected an object with a title"}
+    if not isinstance(meta, dict):
+        return {"_error": f"{url}: a JSON {type(meta).__name__}; expected an object with a "
+                          "title"}
+    return meta
+
+
+def _object_assets(sizes: dict[str, int], root: str, mesh_samples: int) -> list[Asset]:
     by_dir: dict[str, list[str]] = defaultdict(list)
-    for f in files:
+    for f in sizes:
         by_dir[posixpath.dirname(f)].append(f)
-    assets = []
-    for f in files:
+    plan = []
+    for f in sizes:  # pass 1: which sidecars each object has
         folder, name = posixpath.split(f)
         stem, suffix = posixpath.splitext(name)
         if suffix.lower() not in FORMATS:
             continue
         siblings = set(by_dir[folder])
         alone = sum(posixpath.splitext(s)[1].lower() in FORMATS for s in siblings) == 1
-        meta, caption = {}, None
-        for candidate in [posixpath.join(folder, stem + ".json")] + (
-                [posixpath.join(folder, "meta.json")] if alone else []):
-            if candidate in siblings:
-                try:
-                    meta = json.loads(read_bytes(candidate))
-                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                    meta = {"_error": f"{candidate}: not valid JSON ({exc})"}
-                break
+        candidates = [posixpath.join(folder, stem + ".json")] + (
+            [posixpath.join(folder, "meta.json")] if alone else [])
+        meta_url = next((c for c in candidates if c in siblings), None)
         txt = posixpath.join(folder, stem + ".txt")
-        if txt in siblings:
-            caption = read_bytes(txt).decode("utf-8", "replace").strip()
+        plan.append((f, folder, name, stem, suffix, siblings, alone, meta_url,
+                     txt if txt in siblings else None))
+    fetched = _fetch(sorted({u for p in plan for u in p[7:] if u}))
+    assets = []
+    for f, folder, name, stem, suffix, siblings, alone, meta_url, txt in plan:  # pass 2
+        meta = _meta(meta_url, fetched)
+        caption = None
+        if txt and not isinstance(fetched[txt], Exception):
+            caption = fetched[txt].decode("utf-8", "replace").strip()
         base = re.sub(r"_\d+k$", "", stem)  # boat_10k -> boat
         caption = caption or _sidecar_text(meta, base.replace("_", " "))
         names = [stem + ".thumb.png"] + ([stem + ".png"] if suffix.lower() in GAUSSIAN_SUFFIXES
@@ -105,14 +140,20 @@ def _object_assets(files: list[str], root: str, mesh_samples: int) -> list[Asset
         rel = posixpath.dirname(rel) if alone and posixpath.dirname(rel) else rel
         key = safe_key(posixpath.splitext(rel)[0] if not alone else rel)
         split = meta.get("split") if meta.get("split") in ("train", "test") else hashed_split(key)
+        label = meta.get("label")
 
-        def load(url=f, meta=meta, seed=zlib.crc32(key.encode())) -> GaussianCloud:
+        def load(url=f, meta=meta, size=sizes[f], seed=zlib.crc32(key.encode())
+                 ) -> GaussianCloud:
             if "_error" in meta:
                 raise GaussianFormatError(url, meta["_error"])
+            if size > MAX_FILE_BYTES:  # refused before a byte is read (memory guard)
+                raise GaussianFormatError(url, f"{size:,} bytes, over the limit of "
+                                          f"{MAX_FILE_BYTES:,} (CLIPGS_MAX_FILE_MB)")
             return read_gaussians(read_bytes(url), url, mesh_samples=mesh_samples, seed=seed)
 
         assets.append(Asset(key=key, source=f, caption=caption, split=split, load=load,
-                            label=meta.get("label"), image_urls=images))
+                            label=str(label) if label is not None else None,
+                            image_urls=images))
     return assets
 
 
@@ -177,10 +218,11 @@ def _grid_assets(url: str, root: str, limit: int | None) -> list[Asset]:
 def discover(source: str, limit: int | None = None, mesh_samples: int = 10_000) -> list[Asset]:
     """Every object in a folder, file or ``s3://`` prefix, sorted by key. Meshes are splatted
     with ``mesh_samples`` gaussians."""
-    files = list_files(source)
+    sizes = list_sizes(source)
+    files = list(sizes)
     root = source.rstrip("/") if len(files) != 1 or files[0] != source else posixpath.dirname(
         source)
-    assets = _object_assets(files, root, mesh_samples)
+    assets = _object_assets(sizes, root, mesh_samples)
     for f in files:
         if f.lower().endswith(".npz"):
             assets += _grid_assets(f, root, limit)

@@ -117,26 +117,33 @@ def exists(url: str) -> bool:
     return _local(url).exists()
 
 
-def list_files(url: str) -> list[str]:
-    """Every file under a folder or ``s3://`` prefix, as full URLs/paths, sorted."""
+def list_sizes(url: str) -> dict[str, int]:
+    """Every file under a folder or ``s3://`` prefix -> its size in bytes, sorted by URL."""
     if is_s3(url):
         bucket, prefix = _split(url)
         prefix = prefix.rstrip("/") + "/" if prefix else ""
-        out = []
+        out = {}
         try:
             for page in s3_client().get_paginator("list_objects_v2").paginate(
                 Bucket=bucket, Prefix=prefix
             ):
-                out += [f"s3://{bucket}/{o['Key']}" for o in page.get("Contents", [])]
+                out.update({f"s3://{bucket}/{o['Key']}": int(o["Size"])
+                            for o in page.get("Contents", [])})
         except Exception as exc:
             raise StorageError(f"{url}: cannot list ({exc})") from None
-        return sorted(out)
+        return dict(sorted(out.items()))
     root = _local(url)
     if root.is_file():
-        return [str(root)]
+        return {str(root): root.stat().st_size}
     if not root.is_dir():
         raise StorageError(f"{url}: no such file or folder")
-    return sorted(str(p) for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return {str(p): p.stat().st_size for p in sorted(root.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")}
+
+
+def list_files(url: str) -> list[str]:
+    """Every file under a folder or ``s3://`` prefix, as full URLs/paths, sorted."""
+    return list(list_sizes(url))
 
 
 def remove(url: str) -> None:
