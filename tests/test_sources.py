@@ -175,3 +175,58 @@ def test_bad_sidecars_and_oversized_files_reject_only_their_object(tmp_path, mon
 
     points, views = make_triplet(assets["good"], IngestConfig(points=128, views=2), 32)
     assert views.shape == (2, 32, 32, 3)
+
+
+def _mixed_source(root, shared_data):
+    """Everything in ../shared/data (ModelNet10 limited by the config) plus a folder of meshes
+    in every mesh format and a point cloud."""
+    import shutil
+
+    shutil.copytree(shared_data, root, dirs_exist_ok=True)
+    meshes = root / "meshes"
+    meshes.mkdir()
+    (meshes / "box.obj").write_text(_box((200, 30, 30)).export(file_type="obj"))
+    (meshes / "ball.glb").write_bytes(_textured_sphere((20, 200, 40)).export(file_type="glb"))
+    (meshes / "plate.stl").write_bytes(_box().export(file_type="stl"))
+    (meshes / "tower.off").write_text(_box().export(file_type="off"))
+    (meshes / "cloud.ply").write_bytes(_point_cloud_ply())
+    (meshes / "dots.xyz").write_text("0 0 0\n1 0 0\n0 1 0\n0 0 1\n")
+    return root
+
+
+@pytest.mark.slow
+def test_cli_ingests_everything_locally_and_from_s3_without_redoing_work(
+        shared_data, tmp_path, s3_server, capsys):
+    from clipgs.cli import main
+    from clipgs.data import storage
+
+    src = _mixed_source(tmp_path / "assets", shared_data)
+    args = ["limit=3", "points=256", "views=2", "shard_size=16"]
+    expected = 16 + 6 + 2 * 3  # real 3DGS files + meshes and points + ModelNet10 grids
+    runs = {}
+    for where, source, out in (
+            ("local", str(src), str(tmp_path / "shards")),
+            ("s3", f"{s3_server}/assets", f"{s3_server}/shards")):
+        if where == "s3":
+            for f in src.rglob("*"):
+                if f.is_file():
+                    storage.write_bytes(f"{s3_server}/assets/{f.relative_to(src)}", f.read_bytes())
+        for attempt in range(2):
+            assert main(["ingest", source, out, *args]) == 0
+            runs[where, attempt] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for where in ("local", "s3"):
+        first, again = runs[where, 0], runs[where, 1]
+        assert first["rejected"] == 0, first
+        assert first["train"] + first["test"] == expected
+        assert first["shards_written"] > 0 and again["shards_written"] == 0
+        assert again["shards_skipped"] == first["shards_written"]
+        assert {k: again[k] for k in ("train", "test")} == {k: first[k] for k in ("train", "test")}
+    assert runs["local", 0]["train"] == runs["s3", 0]["train"]
+
+
+def test_empty_occupancy_grid_names_its_array():
+    from clipgs.data.sources import voxels_to_gaussians
+
+    with pytest.raises(GaussianFormatError) as err:
+        voxels_to_gaussians(np.zeros((4, 4, 4), int), "m.npz#train/7", "X_train[7]")
+    assert str(err.value).startswith("m.npz#train/7: field 'X_train[7]': empty occupancy grid")

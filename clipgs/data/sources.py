@@ -157,12 +157,14 @@ def _object_assets(sizes: dict[str, int], root: str, mesh_samples: int) -> list[
     return assets
 
 
-def voxels_to_gaussians(grid: np.ndarray) -> GaussianCloud:
+def voxels_to_gaussians(grid: np.ndarray, path: str = "<grid>", field: str | None = None
+                        ) -> GaussianCloud:
     """Occupied surface voxels of a [D, H, W] occupancy grid to gaussians, shaded by a fixed
     light through the occupancy gradient so that rendered views show the shape."""
     occ = grid > 0
-    if not occ.any():
-        raise ValueError("empty occupancy grid")
+    if not occ.any():  # ModelNet10 as shipped has 34 of these
+        raise GaussianFormatError(path, "empty occupancy grid (no voxel > 0); expected a shape",
+                                  field=field)
     padded = np.pad(occ, 1)
     interior = np.ones_like(occ)
     for axis in range(3):
@@ -206,8 +208,9 @@ def _grid_assets(url: str, root: str, limit: int | None) -> list[Asset]:
         for i in index:
             label = classes[int(y[i])]
 
-            def load(grid=X[i]) -> GaussianCloud:
-                return voxels_to_gaussians(grid)
+            def load(grid=X[i], where=f"{url}#{split}/{i}", field=f"X_{split}[{i}]"
+                     ) -> GaussianCloud:
+                return voxels_to_gaussians(grid, where, field)
 
             assets.append(Asset(key=f"{prefix}_{split}_{i:05d}", source=f"{url}#{split}/{i}",
                                 caption=PROMPT.format(class_text(label)), split=split,
