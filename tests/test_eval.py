@@ -1,0 +1,134 @@
+"""Evaluation: the metric functions on hand-checked cases, then the whole protocol on the tiny
+shard set with an untrained model, its MLflow logging and the CLI."""
+
+import json
+
+import numpy as np
+import pytest
+
+from clipgs.config import EvalConfig, ModelConfig
+from clipgs.eval.fewshot import linear_probe_episodes
+from clipgs.eval.metrics import (duplicate_groups, match_ranks, per_class_accuracy, recall_at_k,
+                                 retrieval_metrics)
+
+SMALL = ModelConfig(depth=1, width=48)
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_ranks_ties_and_duplicates():
+    eye = np.eye(4, dtype=np.float32)
+    assert match_ranks(eye, eye).tolist() == [0, 0, 0, 0]
+    # a collapsed model (every object the same embedding) gets no credit from ties
+    collapsed = np.tile([[1.0, 0.0]], (4, 1))
+    assert recall_at_k(eye[:, :2], collapsed, 1) == 0.0
+    # objects sharing one caption: either object is a right answer for it, both ways
+    txt = np.array([[1, 0], [1, 0], [0, 1]], np.float32)
+    g = np.array([[0.9, 0.1], [1, 0], [0, 1]], np.float32)
+    groups = duplicate_groups(txt)
+    assert groups[0] == groups[1] != groups[2]
+    assert match_ranks(txt, g).tolist() == [1, 0, 0]
+    assert match_ranks(txt, g, groups).tolist() == [0, 0, 0]
+    metrics = retrieval_metrics({"g": g, "txt": txt, "img": g}, [1])
+    assert metrics["retrieval_text_to_3d_r1"] == metrics["retrieval_3d_to_text_r1"] == 1.0
+    assert retrieval_metrics({"g": collapsed[:3], "txt": txt, "img": g}, [1])[
+        "retrieval_text_to_3d_r1"] == 0.0
+
+
+def test_retrieval_metrics_four_directions():
+    rng = np.random.default_rng(0)
+    g = _unit(rng.normal(size=(20, 8)))
+    emb = {"g": g, "txt": g.copy(), "img": _unit(rng.normal(size=(20, 8)))}
+    m = retrieval_metrics(emb, [1, 5, 10])
+    assert len(m) == 12
+    assert m["retrieval_text_to_3d_r1"] == m["retrieval_3d_to_text_r1"] == 1.0
+    assert m["retrieval_image_to_3d_r1"] <= m["retrieval_image_to_3d_r5"] \
+        <= m["retrieval_image_to_3d_r10"]
+    assert m["retrieval_image_to_3d_r1"] < 0.5  # random images: near chance (1/20)
+
+
+def test_linear_probe_separates_clusters_and_not_noise():
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(6), 12)
+    centres = _unit(rng.normal(size=(6, 16))) * 4
+    clustered = centres[labels] + rng.normal(size=(72, 16))
+    good = linear_probe_episodes(clustered, labels, way=5, shot=3, episodes=4, queries=5)
+    noise = linear_probe_episodes(rng.normal(size=(72, 16)), labels, way=5, shot=3,
+                                  episodes=4, queries=5)
+    assert good["fewshot_acc_mean"] > 0.9 and good["fewshot_way"] == 5
+    assert noise["fewshot_acc_mean"] < 0.6
+    again = linear_probe_episodes(clustered, labels, way=5, shot=3, episodes=4, queries=5)
+    assert again == good  # seeded: the same embeddings give the same figure
+    # too few objects per class: reduced way, then skipped
+    assert linear_probe_episodes(clustered, labels, way=10, shot=3, episodes=2)[
+        "fewshot_way"] == 6
+    assert linear_probe_episodes(clustered[:8], labels[:8], way=2, shot=3, episodes=2) is None
+
+
+def test_per_class_accuracy_skips_absent_classes():
+    confusion = np.array([[2, 1, 0], [0, 0, 0], [1, 0, 3]])
+    assert per_class_accuracy(confusion, ["a", "b", "c"]) == {"a": 2 / 3, "c": 0.75}
+
+
+@pytest.fixture(scope="module")
+def untrained(tiny_dataset, tmp_path_factory):
+    from clipgs.models.package import init_package
+
+    return init_package(tmp_path_factory.mktemp("pkg") / "untrained", str(tiny_dataset), SMALL)
+
+
+def test_evaluate_logs_metrics_and_plots(tiny_dataset, untrained, teacher, tmp_path,
+                                         monkeypatch):
+    import mlflow
+
+    from clipgs.eval.evaluate import evaluate, log_to_mlflow
+
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
+    cfg = EvalConfig(fewshot_way=3, fewshot_shot=1, fewshot_episodes=3, gallery_queries=3)
+    result = evaluate(str(untrained), str(tiny_dataset), cfg, teacher=teacher)
+    m = result["metrics"]
+    assert m["eval_objects"] == 12
+    for key in ("zeroshot_top1", "zeroshot_top3", "zeroshot_top5", "zeroshot_mean_class_acc",
+                "fewshot_acc_mean", "fewshot_acc_std", "retrieval_3d_to_image_r10"):
+        assert 0.0 <= m[key] <= 1.0, key
+    assert m["zeroshot_top1"] <= m["zeroshot_top3"] <= m["zeroshot_top5"]
+    assert m["fewshot_way"] == 3 and m["fewshot_shot"] == 1
+    assert set(result["per_class"]) == set(result["classes"])
+    assert result["confusion"].sum() == 12
+    # the test split is the default, and the train split is a different measurement
+    on_train = evaluate(str(untrained), str(tiny_dataset), cfg.model_copy(update={
+        "split": "train", "fewshot_episodes": 0}), teacher=teacher)
+    assert on_train["metrics"]["eval_objects"] == 24 and "fewshot_acc_mean" not in \
+        on_train["metrics"]
+
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = log_to_mlflow(result, None, db)
+    mlflow.set_tracking_uri(db)
+    run = mlflow.get_run(run_id)
+    assert run.data.metrics["eval_zeroshot_top1"] == m["zeroshot_top1"]
+    assert any(k.startswith("eval_class_acc.") for k in run.data.metrics)
+    client = mlflow.MlflowClient()
+    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert plots == {"plots/confusion_matrix.png", "plots/retrieval_gallery.png",
+                     "plots/embedding_map.png"}
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="plots")
+    from PIL import Image
+
+    with Image.open(f"{local}/retrieval_gallery.png") as im:
+        assert im.size[0] > 400 and im.size[1] > 300  # 3 query rows x 6 columns
+
+
+def test_evaluate_cli_and_clear_errors(tiny_dataset, untrained, tmp_path, capsys):
+    from clipgs.cli import main
+
+    assert main(["evaluate", "--model", str(untrained), "--data", str(tiny_dataset),
+                 "fewshot_episodes=0", "gallery_queries=0"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "retrieval_text_to_3d_r5" in out["metrics"] and out["per_class_accuracy"]
+    assert main(["evaluate", "--model", str(untrained), "--data", str(tmp_path)]) == 2
+    assert "no manifest" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(untrained), "--data", str(tiny_dataset),
+                 "split=validation"]) == 2
+    assert "no 'validation' shards" in capsys.readouterr().err

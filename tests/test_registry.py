@@ -1,0 +1,260 @@
+"""The registry through the `clipgs` commands: the pyfunc model as logged (from code, safetensors,
+signature, lineage), gated promotion between a trained and an untrained candidate (the worse
+never becomes champion), rollback, and the same commands against an MLflow tracking server on
+loopback whose artifacts live in S3 (moto)."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clipgs.config import ModelConfig, PromoteConfig
+from clipgs.registry.registry import gate
+from conftest import free_port
+
+SMALL = ModelConfig(depth=1, width=48)
+# both candidates are measured on the split the trained one was fitted to: what matters here
+# is that one is really better, deterministically, not how well it generalises
+EVAL = ["split=train", "fewshot_episodes=0", "gallery_queries=0"]
+
+
+def test_gate_reasons():
+    cfg = PromoteConfig(metric="m", margin=0.05, guard_metrics=["g"], guard_tolerance=0.1)
+    ok, why = gate(cfg, {"m": 0.7, "g": 0.45}, {"m": 0.6, "g": 0.5})
+    assert ok and "better" in why and "held" in why
+    ok, why = gate(cfg, {"m": 0.64, "g": 0.5}, {"m": 0.6, "g": 0.5})
+    assert not ok and "not better" in why  # inside the margin
+    ok, why = gate(cfg, {"m": 0.9, "g": 0.3}, {"m": 0.6, "g": 0.5})
+    assert not ok and "regressed" in why
+
+
+def train_a_little(package_dir: Path, data: str, steps: int = 40) -> None:
+    """A few full-batch steps of the symmetric contrastive loss (3D<->text, 3D<->first view)
+    on the train split, in place: a candidate that is really better than an untrained one."""
+    import torch.nn.functional as F
+
+    from clipgs.data.shards import iterate, read_manifest, shard_urls
+    from clipgs.models.package import load_package, save_package
+    from clipgs.models.tokenizer import group_numpy
+
+    package = load_package(str(package_dir))
+    cfg = package.encoder.config
+    samples = list(iterate(shard_urls(data, read_manifest(data), "train")))
+    grouped = [group_numpy(s["gaussians"], cfg.groups, cfg.group_size) for s in samples]
+    patches = torch.from_numpy(np.stack([g[0] for g in grouped]))
+    centres = torch.from_numpy(np.stack([g[1] for g in grouped]))
+    targets = [torch.from_numpy(np.stack([s[k] for s in samples]).astype(np.float32))
+               for k in ("txt_emb", "img_emb")]
+    targets[1] = targets[1][:, 0]
+    encoder = package.encoder.train()
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny steps: on a busy 2-core runner threads only contend
+    opt = torch.optim.AdamW(encoder.parameters(), lr=2e-3)
+    labels = torch.arange(len(samples))
+    for _ in range(steps):
+        g = F.normalize(encoder(patches, centres), dim=-1)
+        loss = 0
+        for t in targets:
+            logits = 20.0 * g @ F.normalize(t, dim=-1).T
+            loss = loss + F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    save_package(package_dir, {f"encoder.{k}": v for k, v in encoder.state_dict().items()},
+                 {**package.meta, "untrained": False})
+
+
+@pytest.fixture(scope="module")
+def candidates(tiny_dataset, tmp_path_factory, teacher):
+    """Three packages: untrained (seed 0), trained a little, untrained (seed 1)."""
+    from clipgs.config import EvalConfig
+    from clipgs.eval.evaluate import evaluate
+    from clipgs.models.package import init_package
+
+    root = tmp_path_factory.mktemp("candidates")
+    data = str(tiny_dataset)
+    out = {"untrained": init_package(root / "untrained", data, SMALL, seed=0),
+           "trained": init_package(root / "trained", data, SMALL, seed=0),
+           "untrained2": init_package(root / "untrained2", data, SMALL, seed=1)}
+    train_a_little(out["trained"], data)
+    cfg = EvalConfig(split="train", fewshot_episodes=0, gallery_queries=0)
+    scores = {k: evaluate(str(p), data, cfg, teacher)["metrics"]["zeroshot_top1"]
+              for k, p in out.items()}
+    # the premise of the promotion test, checked rather than assumed
+    assert scores["trained"] > max(scores["untrained"], scores["untrained2"]) + 0.2, scores
+    return {k: str(v) for k, v in out.items()}
+
+
+def clipgs(*argv) -> dict:
+    """Run a `clipgs` command in-process; its JSON answer (the last line it prints)."""
+    from clipgs.cli import main
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        code = main([str(a) for a in argv])
+    assert code == 0, (argv, code)
+    return json.loads(buf.getvalue().strip().splitlines()[-1])
+
+
+def champion(client) -> str:
+    return str(client.get_model_version_by_alias("clipgs", "champion").version)
+
+
+def run_promotion_story(uri: str, data: str, candidates: dict, capsys) -> None:
+    """register -> promote three times (first, better, worse) -> rollback, through the CLI."""
+    import mlflow
+
+    from clipgs.cli import main
+
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    t = ["--tracking-uri", uri]
+    v1 = clipgs("register", "--package", candidates["untrained"], *t)["version"]
+    first = clipgs("promote", "--data", data, *t, *EVAL)
+    assert first["promoted"] and "no champion yet" in first["reason"]
+    v2 = clipgs("register", "--package", candidates["trained"], *t)["version"]
+    assert str(client.get_model_version_by_alias("clipgs", "challenger").version) == v2
+    better = clipgs("promote", "--data", data, *t, *EVAL)
+    assert better["promoted"], better["reason"]
+    assert better["reason"].startswith(f"promoted v{v2} over v{v1}")
+    assert champion(client) == v2
+    v3 = clipgs("register", "--package", candidates["untrained2"], *t)["version"]
+    worse = clipgs("promote", "--data", data, *t, *EVAL)
+    assert not worse["promoted"] and f"kept the champion v{v2}" in worse["reason"]
+    assert "zeroshot_top1" in worse["reason"]
+    assert champion(client) == v2  # the worse one never becomes champion
+    # the decision is recorded on the version, tag and description
+    mv3 = client.get_model_version("clipgs", v3)
+    assert json.loads(mv3.tags["clipgs.promotion"])["promoted"] is False
+    assert "kept the champion" in mv3.description
+    assert "promoted v2" in client.get_model_version("clipgs", v2).description
+    # promoting the champion itself is a recorded no-op
+    same = clipgs("promote", "--data", data, "--version", v2, *t, *EVAL)
+    assert not same["promoted"] and "already champion" in same["reason"]
+
+    back = clipgs("promote", "--rollback", *t)
+    assert back["champion"] == v1 and back["from"] == v2
+    assert champion(client) == v1
+    assert "rolled back" in client.get_model_version("clipgs", v2).description
+    capsys.readouterr()
+    assert main(["promote", "--rollback", *t]) == 2  # v1 was the first champion
+    assert "nothing to roll back to" in capsys.readouterr().err
+    assert champion(client) == v1
+
+
+@pytest.mark.slow
+def test_model_as_logged_and_promotion_on_sqlite(tiny_dataset, candidates, tmp_path,
+                                                 monkeypatch, capsys):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_promotion_story(uri, str(tiny_dataset), candidates, capsys)
+
+    client = mlflow.MlflowClient()
+    mv = client.get_model_version("clipgs", "2")
+    for tag in ("clipgs.training_run_id", "clipgs.git_commit", "clipgs.dataset_manifest_sha256",
+                "clipgs.teacher_sha256"):
+        assert mv.tags[tag], tag
+    local = Path(mlflow.artifacts.download_artifacts("models:/clipgs/2"))
+    files = {p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()}
+    assert "artifacts/package/encoder.safetensors" in files
+    assert {"artifacts/model_config.json", "artifacts/teacher.json"} <= files
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".bin"))]
+    mlmodel = (local / "MLmodel").read_text()
+    assert "pyfunc_model.py" in mlmodel and "signature" in mlmodel
+    teacher = json.loads((local / "artifacts/teacher.json").read_text())
+    assert teacher["sha256"] == mv.tags["clipgs.teacher_sha256"]
+    signature = mlflow.models.get_model_info("models:/clipgs/2").signature
+    assert {c.name for c in signature.inputs.inputs} == {"data", "format", "gaussians", "text"}
+
+
+@pytest.fixture
+def tracking_server(s3_server, tmp_path):
+    """`mlflow server` on loopback: sqlite metadata, artifacts proxied to S3 (moto)."""
+    port = free_port()
+    env = dict(os.environ, MLFLOW_S3_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"],
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+         f"sqlite:///{tmp_path}/server.db", "--artifacts-destination",
+         f"{s3_server}/mlartifacts", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    import requests
+
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            os.killpg(proc.pid, 9)
+            pytest.fail("mlflow server did not come up:\n"
+                        + (tmp_path / "server.log").read_text()[-3000:])
+        time.sleep(0.5)
+    yield url
+    stop(proc)
+    log.close()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """The server and its workers (their own process group): TERM, then KILL."""
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait(10)
+
+
+@pytest.mark.slow
+def test_commands_against_a_tracking_server_with_s3_artifacts(
+        tracking_server, s3_server, tiny_dataset, candidates, shared_data, tmp_path,
+        monkeypatch, capsys):
+    import mlflow
+
+    from clipgs.data import storage
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # the evaluation shards in the same object store
+    for f in Path(tiny_dataset).iterdir():
+        storage.write_bytes(f"{s3_server}/shards/{f.name}", f.read_bytes())
+    data = f"{s3_server}/shards"
+    run_promotion_story(tracking_server, data, candidates, capsys)
+
+    t = ["--tracking-uri", tracking_server]
+    emb = tmp_path / "e.npy"
+    clipgs("embed", str(shared_data / "gaussians/donut.ply"), "--text", "a donut",
+           "--out", str(emb), *t)
+    vectors = np.load(emb)
+    assert vectors.shape[0] == 2 and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+    evaluated = clipgs("evaluate", "--model", "models:/clipgs@champion", "--data", data,
+                       "--log", *t, "fewshot_shot=1", "fewshot_way=3", "gallery_queries=2")
+    assert "retrieval_image_to_3d_r10" in evaluated["metrics"]
+    mlflow.set_tracking_uri(tracking_server)
+    plots = {a.path for a in mlflow.MlflowClient().list_artifacts(evaluated["mlflow_run_id"],
+                                                                   "plots")}
+    assert "plots/retrieval_gallery.png" in plots
+    # everything the server stored went to S3, none to its local disk
+    keys = [o["Key"] for page in storage.s3_client().get_paginator("list_objects_v2").paginate(
+        Bucket="clipgs", Prefix="mlartifacts/") for o in page.get("Contents", [])]
+    assert any(k.endswith("package/encoder.safetensors") for k in keys)
+    assert any(k.endswith("plots/retrieval_gallery.png") for k in keys)
+    assert any(k.endswith("teacher.json") for k in keys)
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlartifacts").exists()
