@@ -1,6 +1,7 @@
 """Object storage under real faults: a TCP proxy on loopback in front of the moto S3 server cuts
 uploads midway, the way a dropped connection does; boto3 is the real client throughout."""
 
+import io
 import json
 import os
 import socket
@@ -149,3 +150,18 @@ def test_interrupted_ingest_to_s3_resumes(proxied, shared_data, teacher, monkeyp
     assert again.manifest["splits"]["train"]["count"] == 4
     urls = shards.shard_urls(out, again.manifest, "train")
     assert sorted(s["key"] for s in shards.iterate(urls)) == ["cat", "cube", "fish", "torus"]
+
+
+def test_large_shards_stream_through_the_read_ahead_reader(s3_server, monkeypatch):
+    """Shards above CLIPGS_S3_WHOLE_MB are not held whole: they stream in chunks, byte-exact."""
+    data = np.random.default_rng(1).bytes(3 * 2**20 + 17)
+    storage.write_bytes(f"{s3_server}/big.bin", data)
+    monkeypatch.setattr(shards, "S3_WHOLE_BYTES", 2**20)
+    monkeypatch.setattr(shards, "S3_READ_BYTES", 2**19)
+    stream = shards._open_s3(f"{s3_server}/big.bin")
+    assert isinstance(stream, io.BufferedReader)
+    got = b"".join(iter(lambda: stream.read(12345), b""))
+    stream.close()
+    assert got == data
+    monkeypatch.setattr(shards, "S3_WHOLE_BYTES", 2**30)
+    assert shards._open_s3(f"{s3_server}/big.bin").read() == data

@@ -1,14 +1,18 @@
-"""One pass over a float32 body [N, P]: non-finite rows, zero and off-unit quaternions.
+"""Checks over a float32 body [N, P] in compiled loops: any NaN/Inf, zero and off-unit
+quaternions.
 
 numpy needs a temporary per operation over the strided quaternion columns (37 ms for 1M
-gaussians); this loop touches each value once (measured ~4 ns a row). It compiles on first use
-(cached on disk where the package folder is writable, else per process).
+gaussians); these loops read each value once and vectorise (measured: 0.09 ms for the 45.6k
+donut, 6 ms for 1M). They compile on first use (cached on disk where the package folder is
+writable, else once per process).
 """
 
 from __future__ import annotations
 
 import numba
 import numpy as np
+
+FLOAT32_MAX = np.float32(3.4028235e38)
 
 
 def _jit(fn):
@@ -19,29 +23,29 @@ def _jit(fn):
 
 
 @_jit
-def _scan(body, r0, lo, hi):
-    n, p = body.shape
-    first_bad = -1
+def _all_finite(flat):
+    bad = 0
+    for k in range(flat.size):  # no early exit: the loop vectorises
+        bad |= not (abs(flat[k]) <= FLOAT32_MAX)  # false for NaN and Inf
+    return bad == 0
+
+
+@_jit
+def _quaternions(body, r0, lo, hi):
     zero = 0
     off = 0
-    for i in range(n):
-        s = np.float32(0.0)
-        for j in range(p):
-            v = body[i, j]
-            s += v - v  # NaN or Inf make this NaN
-        if s != 0.0 and first_bad < 0:
-            first_bad = i
+    for i in range(body.shape[0]):
         a, b, c, d = body[i, r0], body[i, r0 + 1], body[i, r0 + 2], body[i, r0 + 3]
         q = a * a + b * b + c * c + d * d
-        if q == 0.0:
-            zero += 1
-        elif q < lo or q > hi:
-            off += 1
-    return first_bad, zero, off
+        zero += q == 0.0
+        off += (q < lo) | (q > hi)
+    return zero, off
 
 
-def scan(body: np.ndarray, rot_column: int, tolerance: float) -> tuple[int, int, int]:
-    """(first row with a NaN/Inf or -1, zero-length quaternions, quaternions off unit length
-    by more than ``tolerance``) of a float32 [N, P] body whose quaternion starts at
+def scan(body: np.ndarray, rot_column: int, tolerance: float) -> tuple[bool, int, int]:
+    """(all values finite, zero-length quaternions, quaternions off unit length by more than
+    ``tolerance``) of a C-contiguous float32 [N, P] body whose quaternion starts at
     ``rot_column``."""
-    return _scan(body, rot_column, (1 - tolerance) ** 2, (1 + tolerance) ** 2)
+    finite = bool(_all_finite(body.reshape(-1)))
+    zero, off = _quaternions(body, rot_column, (1 - tolerance) ** 2, (1 + tolerance) ** 2)
+    return finite, int(zero), int(off)

@@ -76,8 +76,8 @@ def finish(path: str, cloud: GaussianCloud, tolerance: float = QUAT_TOLERANCE,
     if matrix is not None and rot_column >= 0:
         from clipgs.data.checks import scan
 
-        first_bad, zero, off = scan(matrix, rot_column, tolerance)
-        if first_bad < 0 and zero == 0:
+        finite, zero, off = scan(matrix, rot_column, tolerance)
+        if finite and zero == 0:
             if off:
                 log.warning("%s: %d of %d quaternions are not unit length; normalised", path,
                             off, len(cloud))
@@ -99,11 +99,12 @@ def _gaussians_from_ply(source, header: ply.Header, path: str) -> GaussianCloud:
     if len(rest) not in (0, 9, 24, 45):
         raise GaussianFormatError(path, f"{len(rest)} f_rest_* fields; expected 0, 9, 24 or 45 "
                                   "(SH degree 0-3)", field="f_rest_*")
-    for name in PLY_REQUIRED:  # every missing or mistyped field named before any column work
-        ply.columns(body, header, [name], path)
+    normals = ["nx", "ny", "nz"] if {"nx", "ny", "nz"} <= set(names) else []
+    # every missing or mistyped field named before any column work
+    ply.check_fields(header, PLY_REQUIRED + rest + normals, path)
 
     def cols(fields: list[str]) -> np.ndarray:
-        return ply.columns(body, header, fields, path)
+        return ply.columns(body, header, fields, path, checked=True)
 
     n = header.element("vertex").count
     cloud = GaussianCloud(
@@ -113,7 +114,7 @@ def _gaussians_from_ply(source, header: ply.Header, path: str) -> GaussianCloud:
         scale=cols([f"scale_{i}" for i in range(3)]),
         rotation=cols([f"rot_{i}" for i in range(4)]),
         f_rest=cols(rest) if rest else np.zeros((n, 0), np.float32),
-        normals=cols(["nx", "ny", "nz"]) if {"nx", "ny", "nz"} <= set(names) else None,
+        normals=cols(normals) if normals else None,
     )
     rot = [names.index(f"rot_{i}") for i in range(4)]
     if isinstance(body, np.ndarray) and rot == list(range(rot[0], rot[0] + 4)):

@@ -221,11 +221,8 @@ def read_head(path: str) -> bytes:
         return f.read(MAX_HEADER_BYTES)
 
 
-def columns(vertices: dict[str, np.ndarray] | np.ndarray, header: Header, names: list[str],
-            path: str, floats: bool = True) -> np.ndarray:
-    """Columns ``names`` of the vertex body as float32 [N, len(names)]: a view of the matrix
-    when they are adjacent (the INRIA layout), else one copy. Each must exist and, when
-    ``floats``, be a float property."""
+def check_fields(header: Header, names: list[str], path: str, floats: bool = True) -> None:
+    """Each of ``names`` is a vertex property and, when ``floats``, a float one."""
     props = dict(header.element("vertex").properties)
     for n in names:
         if n not in props:
@@ -234,6 +231,15 @@ def columns(vertices: dict[str, np.ndarray] | np.ndarray, header: Header, names:
         if floats and props[n] not in ("f4", "f8"):
             raise GaussianFormatError(path, f"has type {props[n]}; expected a float property",
                                       field=n)
+
+
+def columns(vertices: dict[str, np.ndarray] | np.ndarray, header: Header, names: list[str],
+            path: str, floats: bool = True, checked: bool = False) -> np.ndarray:
+    """Columns ``names`` of the vertex body as float32 [N, len(names)]: a view of the matrix
+    when they are adjacent (the INRIA layout), else one copy. Each must exist and, when
+    ``floats``, be a float property (``checked``: the caller has made sure)."""
+    if not checked:
+        check_fields(header, names, path, floats)
     if isinstance(vertices, np.ndarray):
         order = header.element("vertex").names()
         idx = [order.index(n) for n in names]

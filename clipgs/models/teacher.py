@@ -99,7 +99,10 @@ class Teacher:
                 raise ConfigError(f"teacher weights {config.weights} do not fit the model: "
                                   f"missing {list(missing)[:5]}, unexpected "
                                   f"{list(unexpected)[:5]}")
-        self.model.eval().requires_grad_(False)
+        # on a GPU when there is one: at ingest the teacher is most of the work
+        self.device = torch.device(os.environ.get(
+            "CLIPGS_TEACHER_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
+        self.model.eval().requires_grad_(False).to(self.device)
         self.image_size = self.model.visual.image_size
         if isinstance(self.image_size, (tuple, list)):
             self.image_size = self.image_size[0]
@@ -131,18 +134,18 @@ class Teacher:
     def encode_text(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
         out = []
         for i in range(0, len(texts), batch_size):
-            tokens = self.tokenizer(texts[i:i + batch_size])
-            out.append(self.model.encode_text(tokens, normalize=True).float())
+            tokens = self.tokenizer(texts[i:i + batch_size]).to(self.device)
+            out.append(self.model.encode_text(tokens, normalize=True).float().cpu())
         return torch.cat(out).numpy()
 
     @torch.no_grad()
     def encode_images(self, images: np.ndarray, batch_size: int = 128) -> np.ndarray:
         """uint8 [n, H, W, 3] already at ``image_size`` -> [n, D]."""
-        mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+        mean = torch.tensor(OPENAI_MEAN, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(OPENAI_STD, device=self.device).view(1, 3, 1, 1)
         out = []
         for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size]))
+            x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).to(self.device)
             x = x.permute(0, 3, 1, 2).float() / 255.0
-            out.append(self.model.encode_image((x - mean) / std, normalize=True).float())
+            out.append(self.model.encode_image((x - mean) / std, normalize=True).float().cpu())
         return torch.cat(out).numpy()
