@@ -99,8 +99,16 @@ def test_ingest_resumes_and_reports_bad_objects(shared_data, tmp_path, teacher):
 def test_teacher_is_deterministic_and_semantic(teacher):
     from clipgs.models.teacher import Teacher
 
-    again = Teacher()
-    assert again.identity()["sha256"] == teacher.identity()["sha256"]
+    import torch
+
+    before = torch.get_num_threads()
+    for threads in (1, 2):  # ranks and loader workers run with other thread counts
+        torch.set_num_threads(threads)
+        try:
+            again = Teacher()
+        finally:
+            torch.set_num_threads(before)
+        assert again.identity()["sha256"] == teacher.identity()["sha256"]
     e = teacher.encode_text(["a 3D model of a chair", "a 3D model of a sofa",
                              "a 3D model of a toilet"])
     assert e[0] @ e[1] > e[0] @ e[2] + 0.1

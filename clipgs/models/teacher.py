@@ -85,7 +85,14 @@ class Teacher:
                                   hf_proj_type="linear", hf_pooler_type="mean_pooler",
                                   context_length=64),
                 )
-                torch.nn.init.orthogonal_(self.model.text.proj.weight)
+                # orthogonal_ runs a QR whose last bits depend on the thread count (measured:
+                # 4.5e-6 apart with 1 and 2 threads, so a different identity hash): one thread
+                before = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    torch.nn.init.orthogonal_(self.model.text.proj.weight)
+                finally:
+                    torch.set_num_threads(before)
                 self.tokenizer = HFTokenizer(path, context_length=64)
             else:
                 if not config.open_clip_model:
