@@ -21,10 +21,16 @@ def _tracking(args) -> str:
 def cmd_inspect(args) -> int:
     from clipgs.data.formats import load_gaussians, summarize
 
-    for path in args.files:
-        summary = summarize(load_gaussians(path))
+    bad = 0
+    for path in args.files:  # a bad file is reported, the rest are still inspected
+        try:
+            summary = summarize(load_gaussians(path))
+        except ClipgsError as exc:
+            print(f"clipgs inspect: error: {exc}", file=sys.stderr)
+            bad += 1
+            continue
         print(json.dumps({"file": path, **summary}))
-    return 0
+    return 2 if bad else 0
 
 
 def cmd_render(args) -> int:

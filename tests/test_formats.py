@@ -205,9 +205,12 @@ def test_inspect_cli(shared_data, tmp_path, capsys):
     bad = tmp_path / "broken.ply"
     bad.write_bytes(b"ply\nformat ascii 1.0\nelement vertex 2\nproperty float x\n"
                     b"property float opacity\nend_header\n1 2\n2 3\n")
-    assert main(["inspect", str(bad)]) == 2
-    err = capsys.readouterr().err.strip()
+    good = str(shared_data / "gaussians/splatapult_test.ply")
+    assert main(["inspect", str(bad), good]) == 2
+    out, err = capsys.readouterr()
+    err = err.strip()
     assert len(err.splitlines()) == 1 and "broken.ply" in err and "missing" in err
+    assert '"gaussians": 16' in out  # the good file after the bad one is still inspected
 
 
 def _fuzz_inputs(shared_data, tmp_path):
