@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from clipgs.errors import ConfigError
 from clipgs.models.teacher import TeacherConfig
@@ -24,21 +24,74 @@ class IngestConfig(_Strict):
     shard_size: int = Field(64, gt=0, description="objects per shard")
     limit: int | None = Field(None, gt=0, description="per split of each grid dataset")
     seed: int = 0
+    # on 2 cores the CPU teacher needs both (measured: one worker made it 0.73x as fast); with
+    # more cores, or the teacher on a GPU, workers keep the teacher fed
+    workers: int = Field(default_factory=lambda: 0 if (os.cpu_count() or 1) <= 2 else min(
+        8, (os.cpu_count() or 1) - 2), ge=0, description="processes that read, resample and "
+        "render (0: inline); the teacher runs in the main process meanwhile")
+    multipart_mb: int = Field(64, ge=5, description="S3 shards above this size upload in parts")
     teacher: TeacherConfig = TeacherConfig()
 
 
+# Uni3D's point encoders (baaivision/Uni3D scripts: --pc-model, --pc-feat-dim 192..1408,
+# --pc-encoder-dim 512) with the widths, depths, heads and MLPs of timm's EVA towers they start
+# from. `model.size=NAME` sets these fields; the checkpoint loader (clipgs.models.uni3d) checks them.
+UNI3D_SIZES: dict[str, dict] = {
+    name: dict(width=w, depth=d, heads=h, mlp=mlp, mlp_hidden=hidden,
+               pointnet_channels=(128, 256, 512), pointnet_out=512)
+    for name, w, d, h, mlp, hidden in (
+        ("tiny", 192, 12, 3, "swiglu", 512),  # eva02_tiny_patch14_224
+        ("small", 384, 12, 6, "swiglu", 1024),  # eva02_small_patch14_224
+        ("base", 768, 12, 12, "swiglu_norm", 2048),  # eva02_base_patch14_448
+        ("large", 1024, 24, 16, "swiglu_norm", 2730),  # eva02_large_patch14_448
+        ("giant", 1408, 40, 16, "gelu", 6144),  # eva_giant_patch14_560
+    )}
+
+
 class ModelConfig(_Strict):
+    size: Literal["custom", "tiny", "small", "base", "large", "giant"] = Field(
+        "custom", description="a Uni3D size (sets width, depth, heads, mlp, pointnet); "
+        "custom = the fields as given (the default: a small CPU model)")
     groups: int = Field(32, gt=0, description="patches per object (FPS centres)")
     group_size: int = Field(32, gt=0, description="gaussians per patch (kNN)")
     width: int = Field(192, gt=0)
     depth: int = Field(4, gt=0)
     heads: int = Field(3, gt=0)
     mlp_ratio: float = 4.0
-    # Uni3D's patch encoder is (128, 256, 512); the CPU defaults are narrower
+    mlp: Literal["gelu", "swiglu", "swiglu_norm"] = Field(
+        "gelu", description="transformer MLP: GELU, SwiGLU (EVA02-Ti/S), SwiGLU + LayerNorm "
+        "(EVA02-B/L)")
+    mlp_hidden: int | None = Field(None, gt=0, description="None = width * mlp_ratio")
+    # Uni3D's patch encoder is (128, 256, 512) -> 512; the CPU defaults are narrower
     pointnet_channels: tuple[int, int, int] = (64, 128, 128)
+    pointnet_out: int = Field(128, gt=0, description="patch feature before the projection to "
+                              "width (Uni3D's pc_encoder_dim)")
     attribute_channels: tuple[int, int, int, int] = (32, 64, 128, 128)
+    attribute_branch: bool = Field(True, description="GS refinement branch 2 (all 14 "
+                                   "attributes); false = position + colour only")
+    serialization: tuple[Literal["xyz", "z", "hilbert"], ...] = Field(
+        ("hilbert", "z", "xyz"), description="token orders: one drawn per training batch, the "
+        "first at inference; empty = no serialization")
     patch_dropout: float = Field(0.0, ge=0, lt=1)
     embed_dim: int | None = Field(None, description="output width; None = the teacher's")
+    init_from: str | None = Field(None, description="Uni3D checkpoint (path or s3://) whose "
+                                  "point encoder initialises ours; needs a matching model.size")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_size(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("size", "custom") == "custom":
+            return data
+        if data["size"] not in UNI3D_SIZES:
+            return data  # the Literal check reports it
+        data = dict(data)
+        for key, value in UNI3D_SIZES[data["size"]].items():
+            given = data.setdefault(key, value)
+            if (tuple(given) if isinstance(given, list) else given) != value:
+                raise ValueError(f"model.{key}={given} conflicts with model.size="
+                                 f"{data['size']} ({key} {value}); drop one of them or use "
+                                 "model.size=custom")
+        return data
 
 
 class OptimConfig(_Strict):
@@ -53,7 +106,14 @@ class OptimConfig(_Strict):
 class LossConfig(_Strict):
     text_weight: float = 1.0
     image_weight: float = 1.0
-    image_views: Literal["mean", "random"] = "mean"
+    image_views: Literal["vote", "mean", "random"] = Field(
+        "vote", description="weights of an object's K views in the image loss: vote = by the "
+        "teacher's image-text agreement cos(I_k, t) (method.md 5); mean = uniform; random = "
+        "one random view (Uni3D / OpenShape's baseline)")
+    vote_weighting: Literal["softmax", "linear"] = Field(
+        "softmax", description="vote: softmax(cos / vote_temperature) over the K views, or "
+        "linear: max(cos, 0) / sum")
+    vote_temperature: float = Field(0.05, gt=0)
     logit_scale_init: float = 14.285714  # 1 / 0.07, as CLIP
     logit_scale_max: float = 100.0
 
@@ -64,6 +124,9 @@ class TrackingConfig(_Strict):
         "MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
     experiment: str = "clipgs"
     run_name: str | None = None
+    system_metrics: bool = Field(True, description="CPU/GPU/memory/network of rank 0's node")
+    buffer_size: int = Field(10000, gt=0, description="metric values held while the tracking "
+                             "server is unreachable; the oldest are dropped beyond this")
 
 
 class TrainConfig(_Strict):
@@ -74,9 +137,29 @@ class TrainConfig(_Strict):
     grad_accum: int = Field(1, gt=0)
     zero_stage: int = Field(1, ge=0, le=3)
     checkpoint_every: int = Field(100, gt=0)
+    checkpoint_mirror: str | None = Field(None, description="folder or s3:// prefix that every "
+                                          "checkpoint is copied to (resume falls back to it)")
+    keep_checkpoints: int = Field(2, gt=0, description="newest local checkpoints kept")
+    resume: bool = Field(True, description="continue from the newest complete checkpoint; "
+                         "false: start over, removing output_dir's (and the mirror's)")
+    stop_at: int | None = Field(None, gt=0, description="end this job after this step with a "
+                                "checkpoint (wall-clock-limited jobs); the next job resumes")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 on GPUs, fp32 on CPU")
+    activation_checkpointing: bool = Field(False, description="recompute transformer blocks "
+                                           "in the backward pass (less memory, more compute)")
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload: optimizer state in CPU "
+                                    "memory (zero_stage >= 1)")
     log_every: int = Field(10, gt=0)
     loader_workers: int = Field(1, ge=0)
     shuffle_buffer: int = Field(256, ge=0)
+    data_mode: Literal["resampled", "split"] = Field(
+        "resampled", description="resampled: every rank and worker draws shards with "
+        "replacement (no epoch barrier across nodes); split: each epoch's shards split by node "
+        "and worker (needs at least ranks x workers shards)")
+    grouping: Literal["loader", "device"] = Field(
+        "loader", description="FPS + kNN grouping in data-loader workers or batched on the "
+        "training device (clipgs.models.tokenizer.group_torch)")
     seed: int = 0
     nproc: int = Field(2, gt=0, description="local ranks spawned by `clipgs train`")
     model: ModelConfig = ModelConfig()
@@ -87,13 +170,29 @@ class TrainConfig(_Strict):
 
 class EvalConfig(_Strict):
     split: str = "test"
-    batch_size: int = 64
-    prompts: list[str] = ["a 3D model of a {}", "a render of a {}", "a photo of a {}"]
+    batch_size: int = Field(64, gt=0)
+    # the zero-shot prompt ensemble: each class name through every template, averaged
+    prompts: list[str] = Field(["a 3D model of a {}", "a render of a {}", "a photo of a {}"],
+                               min_length=1)
+    retrieval_ks: list[int] = Field([1, 5, 10], min_length=1)
+    fewshot_way: int = Field(10, ge=2, description="N of the N-way K-shot linear probe")
+    fewshot_shot: int = Field(5, gt=0, description="K: support objects per class (the paper: "
+                              "10 on ModelNet10)")
+    fewshot_episodes: int = Field(10, ge=0, description="0 skips the probe")
+    fewshot_queries: int = Field(15, gt=0, description="query objects per class and episode")
+    gallery_queries: int = Field(6, ge=0, description="text queries in the retrieval gallery")
+    gallery_top: int = Field(5, gt=0)
+    plots: bool = True
+    seed: int = 0
 
 
 class PromoteConfig(_Strict):
-    metric: str = "zeroshot_top1"
+    metric: str = Field("zeroshot_top1", description="the gate: challenger must beat the "
+                        "champion on it by `margin`")
     margin: float = Field(0.0, ge=0, description="challenger must beat champion by this")
+    # guards: metrics the challenger may not lose more than `guard_tolerance` on
+    guard_metrics: list[str] = ["retrieval_text_to_3d_r1", "retrieval_image_to_3d_r1"]
+    guard_tolerance: float = Field(0.05, ge=0)
 
 
 class PipelineConfig(_Strict):

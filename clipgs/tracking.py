@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -27,11 +30,99 @@ def setup_mlflow(tracking_uri: str, experiment: str | None = None):
     return mlflow
 
 
-def log_metrics_safely(metrics: dict[str, float], step: int) -> None:
-    """Metrics are for people; a tracking server that hiccups must not stop training."""
-    import mlflow
+class BufferedMetrics:
+    """Metric logging that never stops or slows training: ``log`` only appends to a bounded
+    in-memory queue; a background thread sends the queue in batches (``log_batch``) and, while
+    the tracking server is unreachable, keeps the values and retries with back-off, so they
+    reach the run when the server answers again. Beyond ``capacity`` values the oldest are
+    dropped (counted in ``dropped``, warned once)."""
 
-    try:
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
-    except Exception as exc:  # noqa: BLE001 - any tracking failure is survivable here
-        log.warning("could not log metrics at step %d to MLflow: %s", step, exc)
+    BATCH = 1000  # MLflow's log_batch limit on metrics per request
+
+    def __init__(self, run_id: str, tracking_uri: str, capacity: int = 10000,
+                 retry_s: float = 1.0, max_retry_s: float = 30.0):
+        from mlflow import MlflowClient
+
+        self.run_id, self.capacity = run_id, capacity
+        self.retry_s, self.max_retry_s = retry_s, max_retry_s
+        self.client = MlflowClient(tracking_uri)
+        self.queue: collections.deque = collections.deque()
+        self.dropped = 0
+        self.failing = False
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="clipgs-metrics", daemon=True)
+        self._thread.start()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        with self._cond:
+            self.queue.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+            over = len(self.queue) - self.capacity
+            if over > 0:
+                if not self.dropped:
+                    log.warning("metric buffer full (%d values, tracking server unreachable): "
+                                "dropping the oldest", self.capacity)
+                for _ in range(over):
+                    self.queue.popleft()
+                self.dropped += over
+            self._cond.notify_all()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self.queue)
+
+    def _run(self) -> None:
+        delay = self.retry_s
+        while True:
+            with self._cond:
+                while not self.queue and not self._closed:
+                    self._cond.wait()
+                if not self.queue:
+                    return
+                batch = [self.queue[i] for i in range(min(self.BATCH, len(self.queue)))]
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as exc:  # noqa: BLE001 - any tracking failure is survivable here
+                if not self.failing:
+                    log.warning("could not send %d metric values to MLflow (%s); keeping them "
+                                "and retrying", len(batch), str(exc).splitlines()[0][:200])
+                self.failing = True
+                with self._cond:
+                    if self._closed:
+                        return
+                    self._cond.wait(delay)
+                delay = min(delay * 2, self.max_retry_s)
+                continue
+            if self.failing:
+                log.warning("MLflow answers again; buffered metrics sent")
+            self.failing, delay = False, self.retry_s
+            sent = {id(m) for m in batch}
+            with self._cond:
+                # the batch was the queue's head; the bound may have dropped part of it since
+                while self.queue and id(self.queue[0]) in sent:
+                    self.queue.popleft()
+                self._cond.notify_all()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until everything logged so far is sent (True) or ``timeout`` passes (False)."""
+        deadline = time.time() + timeout
+        with self._cond:
+            self._cond.notify_all()
+            while self.queue and time.time() < deadline:
+                self._cond.wait(min(0.2, max(0.0, deadline - time.time())))
+            return not self.queue
+
+    def close(self, timeout: float = 30.0) -> bool:
+        """Flush, then stop the thread; values still unsent after ``timeout`` are reported."""
+        ok = self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+        if not ok:
+            log.warning("%d metric values could not be sent to MLflow before the run ended",
+                        self.pending())
+        return ok

@@ -1,10 +1,25 @@
-import json
+"""Training: the typed config and the DeepSpeed config derived from it, the data stream, and
+ZeRO 2 and 3 each on 2 real CPU ranks (gloo), stopped half-way and resumed - launched the ways
+a cluster launches them: the deepspeed launcher (two "nodes" without ssh), torchrun with two
+"nodes" on loopback, `clipgs train --nproc`. ZeRO 1 is tests/test_resume.py's kill test."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
+import torch
 
 from clipgs.config import TrainConfig, load_config
 from clipgs.errors import ConfigError
-from clipgs.train.trainer import deepspeed_config
+from clipgs.train.engine import deepspeed_config
+from tests.conftest import free_port
+
+TINY = ["micro_batch=4", "log_every=2", "checkpoint_every=2", "loader_workers=0",
+        "model.depth=1", "model.width=48", "optim.warmup_steps=2", "steps=4"]
 
 
 def test_config_overrides_and_clear_errors(tmp_path):
@@ -16,33 +31,256 @@ def test_config_overrides_and_clear_errors(tmp_path):
         load_config(TrainConfig, None, ["zero_stage=5"])
     with pytest.raises(ConfigError, match="modle"):
         load_config(TrainConfig, None, ["modle.depth=2"])
+    with pytest.raises(ConfigError, match="grouping"):
+        load_config(TrainConfig, None, ["grouping=gpu"])
     ds = deepspeed_config(cfg, world_size=2, on_gpu=False)
     assert ds["zero_optimization"]["stage"] == 3 and ds["train_batch_size"] == 2 * cfg.micro_batch
     assert ds["optimizer"]["params"]["torch_adam"] and not ds["bf16"]["enabled"]
+    assert ds["scheduler"]["params"]["total_num_steps"] == 7
+
+
+def test_deepspeed_config_precision_offload_accumulation():
+    cfg = load_config(TrainConfig, None, ["zero_stage=2", "offload_optimizer=true",
+                                          "grad_accum=4", "micro_batch=8"])
+    gpu = deepspeed_config(cfg, world_size=16, on_gpu=True)
+    assert gpu["bf16"]["enabled"] and not gpu["optimizer"]["params"]["torch_adam"]
+    assert gpu["train_batch_size"] == 8 * 4 * 16 and gpu["gradient_accumulation_steps"] == 4
+    assert gpu["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    cpu = deepspeed_config(cfg, world_size=2, on_gpu=False)
+    assert not cpu["bf16"]["enabled"] and cpu["zero_force_ds_cpu_optimizer"] is False
+    cfg.precision = "bf16"
+    assert deepspeed_config(cfg, 2, on_gpu=False)["bf16"]["enabled"]
+    with pytest.raises(ConfigError, match="offload_optimizer.*zero_stage"):
+        deepspeed_config(load_config(TrainConfig, None, ["offload_optimizer=true",
+                                                         "zero_stage=0"]), 1, False)
+
+
+def test_activation_checkpointing_keeps_names_and_gradients():
+    from clipgs.config import ModelConfig
+    from clipgs.models.encoder import GSEncoder
+    from clipgs.train.engine import checkpoint_blocks
+
+    torch.manual_seed(0)
+    plain = GSEncoder(ModelConfig(width=48, depth=2, heads=3, groups=8, group_size=8), 32)
+    wrapped = GSEncoder(ModelConfig(width=48, depth=2, heads=3, groups=8, group_size=8), 32)
+    wrapped.load_state_dict(plain.state_dict())
+    assert checkpoint_blocks(wrapped) == 2
+    assert list(wrapped.state_dict()) == list(plain.state_dict())
+    patches, centres = torch.randn(2, 8, 8, 14), torch.randn(2, 8, 3)
+    for m in (plain, wrapped):
+        m(patches, centres).square().sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), wrapped.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+
+
+def _batches(urls, cfg, rank, start_step, n):
+    from clipgs.data.loader import train_loader
+
+    it = iter(train_loader(urls, cfg, rank, 2, start_step=start_step))
+    return [next(it) for _ in range(n)]
+
+
+def test_stream_is_split_by_rank_and_reseeded_from_the_step(tiny_dataset):
+    from clipgs.data.shards import read_manifest, shard_urls
+
+    urls = shard_urls(str(tiny_dataset), read_manifest(str(tiny_dataset)), "train")
+    cfg = load_config(TrainConfig, None, ["micro_batch=4", "loader_workers=0",
+                                          "model.groups=8", "model.group_size=8"])
+    a, again = _batches(urls, cfg, 0, 0, 3), _batches(urls, cfg, 0, 0, 3)
+    assert all(torch.equal(x["centres"], y["centres"]) for x, y in zip(a, again))  # reproducible
+    other_rank = _batches(urls, cfg, 1, 0, 3)
+    resumed = _batches(urls, cfg, 0, 10, 3)
+    assert not all(torch.equal(x["centres"], y["centres"]) for x, y in zip(a, other_rank))
+    assert not all(torch.equal(x["centres"], y["centres"]) for x, y in zip(a, resumed))
+    assert a[0]["patches"].shape == (4, 8, 8, 14) and a[0]["centres"].shape == (4, 8, 3)
+
+    # split: every epoch, each rank reads its own shards, and the stream goes on past it
+    from clipgs.data.loader import SplitShards
+
+    shards = [f"s{i}" for i in range(6)]
+    per_rank = [[d["url"] for _, d in zip(range(6), SplitShards(shards, "e", r, 2))]
+                for r in (0, 1)]
+    for epoch in (slice(0, 3), slice(3, 6)):
+        assert sorted(per_rank[0][epoch] + per_rank[1][epoch]) == shards
+    assert per_rank[0][:3] != per_rank[0][3:]  # a new permutation each epoch
+    cfg.data_mode = "split"
+    assert _batches(urls, cfg, 1, 0, 4)[3]["patches"].shape[0] == 4  # 16 samples > 1 shard
+    with pytest.raises(ConfigError, match="data_mode=split: 2 training shards for 4 readers"):
+        next(iter(SplitShards(urls, "s", 0, 4)))
+
+
+def test_grouping_on_the_device_gives_the_model_input(tiny_dataset):
+    from clipgs.data.loader import group_on_device
+    from clipgs.data.shards import read_manifest, shard_urls
+
+    urls = shard_urls(str(tiny_dataset), read_manifest(str(tiny_dataset)), "train")
+    cfg = load_config(TrainConfig, None, ["micro_batch=4", "loader_workers=0", "grouping=device",
+                                          "model.groups=8", "model.group_size=8"])
+    raw = _batches(urls, cfg, 0, 0, 1)[0]
+    assert raw["gaussians"].shape[0] == 4 and "patches" not in raw
+    grouped = group_on_device(raw, 8, 8)
+    assert grouped["patches"].shape == (4, 8, 8, 14) and grouped["centres"].shape == (4, 8, 3)
+
+
+def test_rng_states_round_trip_through_json():
+    import random
+
+    from clipgs.train.checkpoint import rng_state, set_rng_state
+
+    state = json.loads(json.dumps(rng_state()))
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    set_rng_state(state)
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[:2] == again[:2] and torch.equal(first[2], again[2])
+
+
+def test_only_checkpoints_with_a_marker_count(tmp_path):
+    from clipgs.train.checkpoint import MARKER, complete_steps, prune
+
+    for step, done in ((2, True), (4, True), (6, False), (8, True)):
+        (tmp_path / f"step{step:07d}").mkdir()
+        if done:
+            (tmp_path / f"step{step:07d}" / MARKER).write_text("{}")
+    assert complete_steps(str(tmp_path)) == [2, 4, 8]  # step 6 was cut short by a kill
+    prune(tmp_path, None, keep=2, is_writer=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step0000004", "step0000006",
+                                                          "step0000008"]
+
+
+# ---- ZeRO 1, 2, 3 on two CPU ranks, stopped half-way and resumed ---------------------------
+
+def expected_lr(cfg: TrainConfig, step: int) -> float:
+    """DeepSpeed's WarmupCosineLR after ``step`` uninterrupted steps."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
+    sched = WarmupCosineLR(opt, total_num_steps=cfg.steps, warmup_num_steps=cfg.optim.warmup_steps,
+                           warmup_type="linear", cos_min_ratio=cfg.optim.min_lr / cfg.optim.lr)
+    for _ in range(step):
+        sched.step()
+    return sched.get_last_lr()[0]
+
+
+def check_resumed(out: Path, db: str, overrides: list[str], resumed_from: int = 2) -> dict:
+    """Same final step and samples as an uninterrupted run; one MLflow run across both jobs,
+    its metrics at every logged step; the LR schedule continued, not restarted."""
+    from mlflow import MlflowClient
+
+    result = json.loads((out / "train_result.json").read_text())
+    cfg = load_config(TrainConfig, None, overrides)
+    logged = list(range(cfg.log_every, cfg.steps + 1, cfg.log_every))
+    assert (result["status"], result["step"]) == ("complete", cfg.steps)
+    assert result["resumed_from"] == resumed_from
+    assert result["samples_seen"] == cfg.steps * cfg.micro_batch * 2
+    client = MlflowClient(db)
+    # steps between the last checkpoint and a kill are trained (and logged) twice
+    loss = client.get_metric_history(result["run_id"], "loss")
+    assert sorted({m.step for m in loss}) == logged and all(np.isfinite(m.value) for m in loss)
+    lr = {m.step: m.value for m in client.get_metric_history(result["run_id"], "lr")}
+    assert [lr[s] for s in logged] == pytest.approx([expected_lr(cfg, s) for s in logged])
+    seen = {m.step: m.value for m in client.get_metric_history(result["run_id"], "samples_seen")}
+    assert [seen[s] for s in logged] == [s * cfg.micro_batch * 2 for s in logged]
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["clipgs.resumed_from_step"] == str(resumed_from)
+    assert run.data.tags["clipgs.dataset_manifest_sha256"] and run.data.tags["clipgs.git_commit"]
+    assert json.loads(run.data.tags["clipgs.config"])["zero_stage"] == cfg.zero_stage
+    return result
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+
+
+def _run_nodes(cmds: list[list[str]], timeout: int = 300) -> None:
+    procs = [subprocess.Popen(c, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for c in cmds]
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p, o in zip(procs, outs):
+        assert p.returncode == 0, o[-3000:]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 3])
-def test_two_cpu_ranks_train_with_deepspeed(tiny_dataset, tmp_path, stage):
-    import mlflow
+def test_zero2_offload_deepspeed_launcher_then_torchrun_two_nodes(tiny_dataset, tmp_path):
+    """Job 1: the deepspeed launcher, two nodes of one rank each (--no_ssh, as each node of a
+    cluster starts it); job 2: torchrun with two nodes, from the standard environment."""
+    db, out = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "train"
+    overrides = [f"data={tiny_dataset}", f"output_dir={out}", "zero_stage=2",
+                 "offload_optimizer=true", f"tracking.tracking_uri={db}", *TINY]
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    port = free_port()
+    bin_ = Path(sys.executable).parent
+    _run_nodes([[str(bin_ / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh",
+                 "--node_rank", str(n), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                 "--module", "clipgs.train.trainer", *overrides, "stop_at=2"] for n in (0, 1)])
+    assert json.loads((out / "train_result.json").read_text())["status"] == "stopped"
+    port = free_port()
+    _run_nodes([[sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                 "--nproc_per_node=1", f"--node_rank={n}", "--master_addr=127.0.0.1",
+                 f"--master_port={port}", "-m", "clipgs.train.trainer", *overrides]
+                for n in (0, 1)])
+    check_resumed(out, db, overrides)
+
+    # another model into the same output_dir: refused with a clear error, not half-loaded
+    other = subprocess.run([sys.executable, "-m", "clipgs.cli", "train", "--nproc", "2",
+                            *overrides, "model.width=96"], env=_env(), capture_output=True,
+                           text=True, timeout=300)
+    assert other.returncode != 0
+    assert "a checkpoint of a run with another model" in other.stdout + other.stderr
+
+
+@pytest.mark.slow
+def test_zero3_from_s3_resumes_from_the_mirror(tiny_dataset, tmp_path, s3_server):
+    """Shards streamed from S3, checkpoints mirrored to S3; the local checkpoints are wiped
+    between the jobs (a new node), so job 2 resumes from the mirror. The exported package is
+    DeepSpeed's own fp32 consolidation (zero_to_fp32) of the final ZeRO-3 checkpoint."""
+    import shutil
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
 
     from clipgs.cli import main
-    from clipgs.models.package import load_package
+    from clipgs.data import storage
 
-    db = f"sqlite:///{tmp_path}/mlflow.db"
-    out = tmp_path / "train"
-    assert main(["train", "--nproc", "2", "--tracking-uri", db, f"data={tiny_dataset}",
-                 f"output_dir={out}", "steps=4", "micro_batch=4", "log_every=2",
-                 "checkpoint_every=2", f"zero_stage={stage}", "loader_workers=0",
-                 "model.depth=1", "model.width=48"]) == 0
-    result = json.loads((out / "train_result.json").read_text())
-    assert result["samples_seen"] == 4 * 4 * 2
-    assert (out / "checkpoints" / "step0000004").is_dir()
-    package = load_package(result["package"])
-    assert package.meta["model"]["depth"] == 1
-    mlflow.set_tracking_uri(db)
-    run = mlflow.get_run(result["run_id"])
-    assert run.data.params["zero_stage"] == str(stage)
-    assert "loss" in run.data.metrics and run.data.tags["clipgs.dataset_manifest_sha256"]
-    history = mlflow.MlflowClient().get_metric_history(result["run_id"], "loss")
-    assert [m.step for m in history] == [2, 4]
+    data = f"{s3_server}/shards"
+    for f in Path(tiny_dataset).iterdir():
+        storage.write_bytes(f"{data}/{f.name}", f.read_bytes())
+    db, out = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "train"
+    overrides = [f"data={data}", f"output_dir={out}", "zero_stage=3",
+                 "activation_checkpointing=true", f"checkpoint_mirror={s3_server}/ckpt",
+                 "keep_checkpoints=1", *TINY]
+    assert main(["train", "--nproc", "2", "--tracking-uri", db, *overrides, "stop_at=2"]) == 0
+    shutil.rmtree(out / "checkpoints")
+    assert main(["train", "--nproc", "2", "--tracking-uri", db, *overrides]) == 0
+    result = check_resumed(out, db, overrides)
+    mirrored = {u.split("/ckpt/")[1] for u in storage.list_files(f"{s3_server}/ckpt")}
+    assert "step0000004/clipgs_checkpoint.json" in mirrored
+    assert not any(m.startswith("step0000002/") for m in mirrored)  # pruned: keep 1
+
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"),
+                                                         tag="step0000004")
+    package = load_file(f"{result['package']}/encoder.safetensors")
+    assert package and set(package) <= set(reference)
+    for name, tensor in package.items():
+        if tensor.is_floating_point() and "running_" not in name:
+            assert torch.allclose(tensor, reference[name].float()), name
+
+
+def test_resume_false_clears_the_earlier_runs_checkpoints(tmp_path):
+    """Else a later resume could pick up the earlier run's newer checkpoint."""
+    import torch.distributed as dist
+
+    from clipgs.train.checkpoint import MARKER, clear, complete_steps
+
+    ckpt, mirror = tmp_path / "checkpoints", tmp_path / "mirror"
+    for root in (ckpt, mirror):
+        (root / "step0000200").mkdir(parents=True)
+        (root / "step0000200" / MARKER).write_text("{}")
+    dist.init_process_group("gloo", rank=0, world_size=1,
+                            init_method=f"tcp://127.0.0.1:{free_port()}")
+    try:
+        clear(ckpt, 0, 0, str(mirror))
+    finally:
+        dist.destroy_process_group()
+    assert not ckpt.exists() and complete_steps(str(mirror)) == []

@@ -22,6 +22,8 @@ def free_port() -> int:
 
 
 def train(config_path: str | None, overrides: list[str], nproc: int | None = None) -> dict:
+    """One training run; returns its result (``train_result.json``: status, step, steps,
+    samples_seen, resumed_from, run_id, package, final_loss, tracking_uri)."""
     config = load_config(TrainConfig, config_path, overrides)  # fail early, in this process
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         from clipgs.train.trainer import run

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401 - all_gather with gradients; not imported by torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -41,17 +42,29 @@ def contrastive(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
     return (per_row * weight).sum() / len(a)
 
 
-def view_weights(img: torch.Tensor, txt: torch.Tensor, mode: str) -> torch.Tensor:
+def view_weights(img: torch.Tensor, txt: torch.Tensor, config: LossConfig) -> torch.Tensor:
     """[n, K] weights over each object's K views that sum to 1 per object.
 
-    ``mean``: uniform; ``random``: one random view (Uni3D/OpenShape's baseline)."""
+    ``vote`` (method.md 5): S_i^k = cos(I_i^k, t_i), the teacher's own image-text agreement,
+    normalised over the K views by a softmax at ``vote_temperature`` or linearly
+    (max(S, 0) / sum, uniform where no view agrees); ``mean``: uniform; ``random``: one random
+    view (Uni3D / OpenShape's baseline). Teacher embeddings are targets: no gradient."""
     n, k, _ = img.shape
+    mode = config.image_views
     if mode == "mean":
-        return torch.full((n, k), 1.0 / k, device=img.device)
+        return torch.full((n, k), 1.0 / k, device=img.device, dtype=img.dtype)
     if mode == "random":
         pick = torch.randint(0, k, (n,), device=img.device)
         return F.one_hot(pick, k).to(img.dtype)
-    raise ValueError(f"loss.image_views={mode!r}; expected 'mean' or 'random'")
+    if mode != "vote":
+        raise ValueError(f"loss.image_views={mode!r}; expected 'vote', 'mean' or 'random'")
+    s = torch.einsum("nkd,nd->nk", F.normalize(img.detach(), dim=-1),
+                     F.normalize(txt.detach(), dim=-1))
+    if config.vote_weighting == "softmax":
+        return torch.softmax(s / config.vote_temperature, dim=1)
+    s = s.clamp_min(0)
+    total = s.sum(dim=1, keepdim=True)
+    return torch.where(total > 0, s / total.clamp_min(1e-12), torch.full_like(s, 1.0 / k))
 
 
 class ClipGSLoss(nn.Module):
@@ -64,7 +77,7 @@ class ClipGSLoss(nn.Module):
         """g [n, D] 3DGS embeddings; txt [n, D]; img [n, K, D] teacher embeddings (unit norm)."""
         g = F.normalize(g, dim=-1)
         text = contrastive(g, txt, scale)
-        w = view_weights(img, txt, self.config.image_views)
+        w = view_weights(img, txt, self.config)
         image = sum(contrastive(g, img[:, k], scale, w[:, k]) for k in range(img.shape[1]))
         total = self.config.text_weight * text + self.config.image_weight * image
         return {"loss": total, "loss_text": text, "loss_image": image}

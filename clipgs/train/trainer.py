@@ -1,5 +1,5 @@
-"""One training run with DeepSpeed ZeRO, top to bottom: config, ranks, data, engine, the loop
-(step, log, checkpoint), then the fp32 model package and its MLflow run.
+"""One training run with DeepSpeed ZeRO, top to bottom: config, ranks, engine, resume, data,
+the loop (step, log, checkpoint), then the fp32 model package and its MLflow run.
 
 Each rank runs ``main(argv)``; ``clipgs train --nproc N`` spawns N local ranks through torchrun,
 and under torchrun / the deepspeed launcher / a Kubernetes indexed Job it runs as one rank.
@@ -8,6 +8,7 @@ and under torchrun / the deepspeed launcher / a Kubernetes indexed Job it runs a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -20,11 +21,15 @@ import torch
 import torch.nn as nn
 
 from clipgs.config import TrainConfig, flatten, load_config, to_yaml
-from clipgs.data.loader import train_loader
+from clipgs.data import storage
+from clipgs.data.loader import group_on_device, train_loader
 from clipgs.data.shards import manifest_checksum, read_manifest, shard_urls
-from clipgs.models.encoder import GSEncoder
+from clipgs.errors import ConfigError, StorageError
+from clipgs.models.encoder import build_encoder
 from clipgs.models.package import save_package
-from clipgs.train import distributed
+from clipgs.train import checkpoint, distributed
+from clipgs.train.engine import (bf16_buffers, checkpoint_blocks, deepspeed_config,
+                                 param_groups, use_bf16)
 from clipgs.train.loss import ClipGSLoss
 
 log = logging.getLogger("clipgs.train")
@@ -37,10 +42,12 @@ class TrainModule(nn.Module):
 
     def __init__(self, config: TrainConfig, embed_dim: int):
         super().__init__()
-        self.encoder = GSEncoder(config.model, embed_dim)
+        self.encoder = build_encoder(config.model, embed_dim)
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(config.loss.logit_scale_init)))
         self.loss = ClipGSLoss(config.loss)
         self.max_log_scale = math.log(config.loss.logit_scale_max)
+        if config.activation_checkpointing:
+            checkpoint_blocks(self.encoder)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         g = self.encoder(batch["patches"], batch["centres"])
@@ -50,135 +57,218 @@ class TrainModule(nn.Module):
         return out
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        (no_decay if p.ndim < 2 or "token" in name or "cls_pos" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
-
-
-def deepspeed_config(config: TrainConfig, world_size: int, on_gpu: bool) -> dict:
-    """The DeepSpeed config, derived from the typed config (never written by hand)."""
-    o = config.optim
-    return {
-        "train_micro_batch_size_per_gpu": config.micro_batch,
-        "gradient_accumulation_steps": config.grad_accum,
-        "train_batch_size": config.micro_batch * config.grad_accum * world_size,
-        "gradient_clipping": o.grad_clip,
-        "zero_optimization": {"stage": config.zero_stage},
-        "bf16": {"enabled": on_gpu},
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": o.lr, "betas": list(o.betas), "eps": 1e-8, "weight_decay": o.weight_decay,
-            "torch_adam": not on_gpu}},
-        "scheduler": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": config.steps, "warmup_num_steps": o.warmup_steps,
-            "warmup_type": "linear", "cos_min_ratio": o.min_lr / o.lr}},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def _export_state(engine, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Full fp32 weights on every rank (a collective under ZeRO-3)."""
-    import deepspeed
-
-    module = engine.module
-    if zero_stage == 3:
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
-    return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
-
-
 def run(config: TrainConfig) -> dict:
     import deepspeed
 
+    if storage.is_s3(config.output_dir):
+        raise ConfigError(f"output_dir={config.output_dir!r}: checkpoints are written to local "
+                          "disk first; give a local folder and checkpoint_mirror=s3://...")
     dist_info = distributed.setup()
-    torch.manual_seed(config.seed + dist_info.rank)
+    rank, is_main = dist_info.rank, dist_info.is_main
     manifest = read_manifest(config.data)
     urls = shard_urls(config.data, manifest, "train")
     if not urls:
-        raise SystemExit(f"{config.data}: no training shards in the manifest")
+        raise StorageError(f"{config.data}: no training shards in the manifest")
     out_dir = Path(config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     embed_dim = config.model.embed_dim or manifest["embed_dim"]
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
     module = TrainModule(config, embed_dim)
-    ds_config = deepspeed_config(config, dist_info.world_size, dist_info.device.type == "cuda")
+    on_gpu = dist_info.device.type == "cuda"
+    bf16 = use_bf16(config, on_gpu)
+    ds_config = deepspeed_config(config, dist_info.world_size, on_gpu)
+    if bf16:
+        bf16_buffers(module)
     engine, _, _, scheduler = deepspeed.initialize(
         model=module, model_parameters=param_groups(module, config.optim.weight_decay),
         config=ds_config)
 
-    mlflow = None
-    run_id = None
-    if dist_info.is_main:
-        from clipgs.tracking import git_commit, setup_mlflow
-
-        mlflow = setup_mlflow(config.tracking.tracking_uri, config.tracking.experiment)
-        active = mlflow.start_run(run_name=config.tracking.run_name)
-        run_id = active.info.run_id
-        mlflow.log_params({k: str(v)[:500] for k, v in flatten(config.model_dump()).items()})
-        mlflow.log_text(to_yaml(config), "config.yaml")
-        mlflow.log_dict(ds_config, "deepspeed_config.json")
-        mlflow.set_tags({"clipgs.stage": "train", "clipgs.git_commit": git_commit(),
-                         "clipgs.dataset": config.data,
-                         "clipgs.dataset_manifest_sha256": manifest_checksum(manifest),
-                         "clipgs.teacher_sha256": manifest["teacher"]["sha256"],
-                         "clipgs.world_size": str(dist_info.world_size)})
-        log.info("config:\n%s", to_yaml(config))
-
-    loader = iter(train_loader(urls, config, dist_info.rank))
-    samples_per_step = config.micro_batch * config.grad_accum * dist_info.world_size
+    # resume: model, optimizer, LR schedule, RNGs; the data position is the step
     ckpt_dir = out_dir / "checkpoints"
-    t0, window_start, seen = time.time(), time.time(), 0
-    history: list[float] = []
-    for step in range(1, config.steps + 1):
+    fingerprint = run_fingerprint(config)
+    marker = None
+    if config.resume:
+        marker = checkpoint.restore(engine, ckpt_dir, rank, dist_info.local_rank,
+                                    config.checkpoint_mirror, fingerprint)
+    else:
+        checkpoint.clear(ckpt_dir, rank, dist_info.local_rank, config.checkpoint_mirror)
+    if marker is None:
+        torch.manual_seed(config.seed + 1 + rank)  # per-rank draws (random views, dropout)
+    start = marker["step"] if marker else 0
+    seen = marker["samples_seen"] if marker else 0
+    end = min(config.steps, config.stop_at or config.steps)
+
+    tracker = Tracker(config, manifest, ds_config, dist_info.world_size,
+                      marker.get("run_id") if marker else None, start) if is_main else None
+    loader = iter(train_loader(urls, config, rank, dist_info.world_size, start_step=start))
+    samples_per_step = config.micro_batch * config.grad_accum * dist_info.world_size
+    t0, window_start, window_steps, data_wait = time.time(), time.perf_counter(), 0, 0.0
+    for step in range(start + 1, end + 1):
         for _ in range(config.grad_accum):
-            batch = {k: v.to(dist_info.device) for k, v in next(loader).items()}
-            out = engine(batch)
+            t = time.perf_counter()
+            batch = next(loader)
+            data_wait += time.perf_counter() - t
+            out = engine(_to_device(batch, config, dist_info.device, bf16))
             engine.backward(out["loss"])
             engine.step()
         seen += samples_per_step
-        if dist_info.is_main and (step % config.log_every == 0 or step == config.steps):
-            elapsed = time.time() - window_start
-            window_start = time.time()
+        window_steps += 1
+        if is_main and (step % config.log_every == 0 or step == end):
+            elapsed = time.perf_counter() - window_start
             metrics = {k: float(v.detach()) for k, v in out.items()}
             metrics.update(lr=scheduler.get_last_lr()[0],
-                           samples_per_s=samples_per_step * config.log_every / max(elapsed, 1e-9),
-                           grad_norm=float(engine.get_global_grad_norm() or 0.0))
-            history.append(metrics["loss"])
-            from clipgs.tracking import log_metrics_safely
+                           grad_norm=float(engine.get_global_grad_norm() or 0.0),
+                           samples_per_s=samples_per_step * window_steps / max(elapsed, 1e-9),
+                           data_wait_frac=data_wait / max(elapsed, 1e-9),
+                           samples_seen=seen, **_memory(dist_info.device))
+            tracker.log(metrics, step)
+            log.info("step %d/%d loss %.4f (text %.4f image %.4f) lr %.2e %.1f samples/s, "
+                     "%.0f%% waiting for data", step, config.steps, metrics["loss"],
+                     metrics["loss_text"], metrics["loss_image"], metrics["lr"],
+                     metrics["samples_per_s"], 100 * metrics["data_wait_frac"])
+            window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+        if step % config.checkpoint_every == 0 or step == end:
+            checkpoint.save(engine, ckpt_dir, step, {
+                "step": step, "samples_seen": seen, "fingerprint": fingerprint,
+                "run_id": tracker.run_id if tracker else None},
+                rank, dist_info.local_rank, config.checkpoint_mirror, config.keep_checkpoints)
 
-            log_metrics_safely(metrics, step)
-            log.info("step %d/%d loss %.4f (text %.4f image %.4f) lr %.2e %.1f samples/s",
-                     step, config.steps, metrics["loss"], metrics["loss_text"],
-                     metrics["loss_image"], metrics["lr"], metrics["samples_per_s"])
-        if step % config.checkpoint_every == 0 or step == config.steps:
-            engine.save_checkpoint(str(ckpt_dir), tag=f"step{step:07d}",
-                                   client_state={"step": step, "samples_seen": seen})
-
-    state = _export_state(engine, config.zero_stage)
     result = {}
-    if dist_info.is_main:
-        encoder_state = {k: v for k, v in state.items() if k.startswith("encoder.")}
-        meta = {"model": config.model.model_dump(mode="json"), "embed_dim": embed_dim,
-                "points": manifest["config"]["points"], "teacher": manifest["teacher"],
-                "dataset_manifest_sha256": manifest_checksum(manifest),
-                "training_run_id": run_id, "logit_scale": float(state["logit_scale"].exp()[0])}
-        package = save_package(out_dir / "package", encoder_state, meta)
-        mlflow.log_artifacts(str(package), "package")
-        mlflow.log_metrics({"final_loss": history[-1] if history else float("nan"),
-                            "train_time_s": time.time() - t0, "samples_seen": seen})
-        _log_loss_curve(mlflow, history, config.log_every)
-        mlflow.end_run()
-        result = {"run_id": run_id, "package": str(package), "steps": config.steps,
-                  "samples_seen": seen, "final_loss": history[-1] if history else None,
-                  "tracking_uri": config.tracking.tracking_uri}
-        (out_dir / RESULT).write_text(json.dumps(result, indent=1))
+    common = {"steps": config.steps, "step": end, "samples_seen": seen,
+              "resumed_from": start if marker else None,
+              "tracking_uri": config.tracking.tracking_uri}
+    if end < config.steps:  # stop_at: a job of a longer run; the next job resumes
+        if is_main:
+            run_id = tracker.stop(end)
+            result = dict(common, status="stopped", run_id=run_id, package=None,
+                          final_loss=None)
+    else:
+        state = checkpoint.export_fp32(engine)  # a collective: every rank takes part
+        if is_main:
+            encoder_state = {k: v for k, v in state.items() if k.startswith("encoder.")}
+            meta = {"model": config.model.model_dump(mode="json"), "embed_dim": embed_dim,
+                    "points": manifest["config"]["points"], "teacher": manifest["teacher"],
+                    "dataset_manifest_sha256": manifest_checksum(manifest),
+                    "training_run_id": tracker.run_id,
+                    "logit_scale": float(state["logit_scale"].exp()[0])}
+            package = save_package(out_dir / "package", encoder_state, meta)
+            final_loss = tracker.finish(package, time.time() - t0)
+            result = dict(common, status="complete", run_id=tracker.run_id,
+                          package=str(package), final_loss=final_loss)
+    if is_main:
+        storage.write_bytes(str(out_dir / RESULT), json.dumps(result, indent=1).encode())
     torch.distributed.barrier()
     return result
 
 
-def _log_loss_curve(mlflow, history: list[float], every: int) -> None:
+def run_fingerprint(config: TrainConfig) -> str:
+    """What a checkpoint must share with the run that resumes it (not stop_at, workers, ...)."""
+    keys = ("model", "loss", "optim", "steps", "micro_batch", "grad_accum", "zero_stage",
+            "seed", "precision")
+    return hashlib.sha256(json.dumps(config.model_dump(mode="json", include=set(keys)),
+                                     sort_keys=True).encode()).hexdigest()
+
+
+def _to_device(batch: dict[str, torch.Tensor], config: TrainConfig, device: torch.device,
+               bf16: bool) -> dict[str, torch.Tensor]:
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    batch = group_on_device(batch, config.model.groups, config.model.group_size)
+    if bf16:  # grouping above runs in fp32: FPS distances need the precision
+        batch = {k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                 for k, v in batch.items()}
+    return batch
+
+
+def _memory(device: torch.device) -> dict[str, float]:
+    import psutil
+
+    out = {"mem_rss_gb": psutil.Process().memory_info().rss / 2**30}
+    if device.type == "cuda":
+        out["gpu_mem_alloc_gb"] = torch.cuda.memory_allocated(device) / 2**30
+        out["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    return out
+
+
+class Tracker:
+    """Rank 0's MLflow run: started (or, on resume, re-opened) with the config, the DeepSpeed
+    config and the tags (git commit, dataset manifest checksum, config); metrics through a
+    bounded buffer that outlives a tracking server outage; the package and loss curve at the
+    end. Nothing here may stop training: failures at the end leave the local result intact."""
+
+    def __init__(self, config: TrainConfig, manifest: dict, ds_config: dict, world_size: int,
+                 run_id: str | None, start_step: int):
+        from clipgs.tracking import BufferedMetrics, git_commit, setup_mlflow
+
+        self.config = config
+        self.mlflow = mlflow = setup_mlflow(config.tracking.tracking_uri,
+                                            config.tracking.experiment)
+        active = mlflow.start_run(run_id=run_id, run_name=None if run_id else
+                                  config.tracking.run_name,
+                                  log_system_metrics=config.tracking.system_metrics)
+        self.run_id = active.info.run_id
+        config_yaml = to_yaml(config)
+        if run_id is None:
+            mlflow.log_params({k: str(v)[:500] for k, v in flatten(config.model_dump()).items()})
+            mlflow.log_text(config_yaml, "config.yaml")
+            mlflow.log_dict(ds_config, "deepspeed_config.json")
+        else:  # params are immutable in MLflow: a resumed job's config goes beside them
+            mlflow.log_text(config_yaml, f"config-resumed-step{start_step}.yaml")
+        mlflow.set_tags({
+            "clipgs.stage": "train", "clipgs.git_commit": git_commit(),
+            "clipgs.dataset": config.data,
+            "clipgs.dataset_manifest_sha256": manifest_checksum(manifest),
+            "clipgs.teacher_sha256": manifest["teacher"]["sha256"],
+            "clipgs.config_sha256": hashlib.sha256(config_yaml.encode()).hexdigest(),
+            "clipgs.config": json.dumps(config.model_dump(mode="json"))[:5000],
+            "clipgs.world_size": str(world_size), "clipgs.resumed_from_step": str(start_step)})
+        log.info("config:\n%s", config_yaml)
+        log.info("deepspeed config: %s", json.dumps(ds_config))
+        self.metrics = BufferedMetrics(self.run_id, config.tracking.tracking_uri,
+                                       config.tracking.buffer_size)
+        self.losses: dict[int, float] = {}
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.losses[step] = metrics["loss"]
+        self.metrics.log(metrics, step)
+
+    def stop(self, step: int) -> str:
+        self.metrics.close(60)
+        self._quietly(lambda: (self.mlflow.set_tag("clipgs.stopped_at_step", str(step)),
+                               self.mlflow.end_run("KILLED")))
+        return self.run_id
+
+    def finish(self, package: Path, train_time: float) -> float | None:
+        self.metrics.close(120)
+        final = [self.losses[max(self.losses)]] if self.losses else [None]
+
+        def end():
+            mlflow = self.mlflow
+            mlflow.log_artifacts(str(package), "package")
+            history = sorted((m.step, m.value) for m in
+                             mlflow.MlflowClient().get_metric_history(self.run_id, "loss"))
+            if final[0] is None and history:  # a job resumed at the last step trains nothing
+                final[0] = history[-1][1]
+            # samples_seen is already a per-step metric: its last value is the run's total
+            mlflow.log_metrics({"final_loss": final[0] if final[0] is not None
+                                else float("nan"), "train_time_s": train_time})
+            _log_loss_curve(mlflow, history)
+            mlflow.end_run()
+
+        self._quietly(end)
+        return final[0]
+
+    def _quietly(self, fn) -> None:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - the trained model on disk is what matters
+            log.error("MLflow at %s failed at the end of the run (%s); the run stays open and "
+                      "the package is only in %s", self.config.tracking.tracking_uri, exc,
+                      self.config.output_dir)
+
+
+def _log_loss_curve(mlflow, history: list[tuple[int, float]]) -> None:
+    """Loss by step, from the run's own metric history (so a resumed run's curve is whole)."""
     if not history:
         return
     import matplotlib
@@ -187,7 +277,7 @@ def _log_loss_curve(mlflow, history: list[float], every: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([every * (i + 1) for i in range(len(history))], history)
+    ax.plot([s for s, _ in history], [v for _, v in history])
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("training loss")
@@ -199,6 +289,8 @@ def _log_loss_curve(mlflow, history: list[float], every: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser("clipgs-train-rank")
     parser.add_argument("--config")
+    # the deepspeed launcher passes --local_rank; LOCAL_RANK in the environment says the same
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0

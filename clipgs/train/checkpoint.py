@@ -1,0 +1,260 @@
+"""Checkpoints that survive a dead rank: DeepSpeed's own checkpoint (model, optimizer and LR
+schedule, each rank its ZeRO shard) plus every rank's RNG states, then a marker written last,
+so a checkpoint a kill interrupted is never resumed from; each complete checkpoint is copied
+to object storage (a folder or ``s3://``), and resume falls back to that copy when the local
+disk lost it (a new node, a wiped pod).
+
+The data position is the step: the streams are resampled and reseeded from the step on resume
+(clipgs/data/loader.py), and the marker records the samples seen, so a resumed run ends at the
+same step having seen the same number of samples.
+
+Layout: ``<output_dir>/checkpoints/step0000040/`` holds DeepSpeed's files, ``rng/rank<r>.json``
+and ``clipgs_checkpoint.json`` (the marker); the mirror holds the same tree.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from clipgs.data import storage
+from clipgs.errors import ConfigError, StorageError
+
+log = logging.getLogger("clipgs.train")
+MARKER = "clipgs_checkpoint.json"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:07d}"
+
+
+def _step_of(tag: str) -> int | None:
+    return int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else None
+
+
+# --- RNG states (JSON, never pickled) ------------------------------------------------------
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    out = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+           "numpy": [np_state[0], np_state[1].tolist(), *map(float, np_state[2:])],
+           "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        out["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return out
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), int(pos), int(has_gauss),
+                         cached))
+
+    def tensor(b64: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensor(state["cuda"]))
+
+
+# --- finding, copying and pruning ---------------------------------------------------------
+
+def complete_steps(ckpt_dir: str) -> list[int]:
+    """Steps of the checkpoints whose marker exists (locally or under an s3:// prefix)."""
+    if storage.is_s3(ckpt_dir):
+        names = {u[len(ckpt_dir.rstrip("/")) + 1:] for u in _list(ckpt_dir)}
+    else:
+        root = Path(ckpt_dir)
+        names = {f"{p.parent.name}/{MARKER}" for p in root.glob(f"*/{MARKER}")} \
+            if root.is_dir() else set()
+    steps = [_step_of(n.split("/")[0]) for n in names if n.endswith("/" + MARKER)]
+    return sorted(s for s in steps if s is not None)
+
+
+def _list(url: str) -> list[str]:
+    try:
+        return storage.list_files(url)
+    except StorageError:
+        return []
+
+
+def _copy_to(path: Path, url: str) -> None:
+    if storage.is_s3(url):
+        from boto3.s3.transfer import TransferConfig
+
+        bucket, key = storage._split(url)
+        # streams from disk in parts: checkpoint files can be larger than memory allows
+        storage.s3_client().upload_file(str(path), bucket, key, Config=TransferConfig(
+            multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20))
+    else:
+        dest = Path(url.removeprefix("file://"))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.part")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, dest)
+
+
+def _copy_from(url: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    if storage.is_s3(url):
+        bucket, key = storage._split(url)
+        storage.s3_client().download_file(bucket, key, str(tmp))
+    else:
+        shutil.copyfile(url.removeprefix("file://"), tmp)
+    os.replace(tmp, path)
+
+
+def upload(local_tag_dir: Path, mirror: str, marker: bool) -> None:
+    """Copy a checkpoint folder to the mirror; the marker only when ``marker`` (last)."""
+    for path in sorted(local_tag_dir.rglob("*")):
+        if path.is_file() and (path.name == MARKER) == marker:
+            rel = path.relative_to(local_tag_dir.parent).as_posix()
+            _copy_to(path, storage.join(mirror, rel))
+
+
+def download(mirror: str, tag: str, ckpt_dir: Path) -> None:
+    """The whole checkpoint from the mirror; the marker last, so a half download is ignored."""
+    files = _list(storage.join(mirror, tag))
+    if not files:
+        raise StorageError(f"{storage.join(mirror, tag)}: checkpoint not found in the mirror")
+    base = storage.join(mirror, tag)
+    for url in sorted(files, key=lambda u: u.endswith("/" + MARKER)):
+        rel = url[len(base.rstrip("/")) + 1:] if storage.is_s3(url) else \
+            Path(url).relative_to(Path(base)).as_posix()
+        _copy_from(url, ckpt_dir / tag / rel)
+
+
+def prune(ckpt_dir: Path, mirror: str | None, keep: int, is_writer: bool) -> None:
+    """Keep the newest ``keep`` complete checkpoints; older ones (and older partial ones) go."""
+    steps = complete_steps(str(ckpt_dir))
+    if len(steps) <= keep:
+        return
+    oldest_kept = steps[-keep]
+    for path in ckpt_dir.iterdir():
+        step = _step_of(path.name)
+        if step is not None and step < oldest_kept:
+            shutil.rmtree(path, ignore_errors=True)  # nodes sharing a disk may race here
+    if mirror and is_writer:
+        for step in complete_steps(mirror):
+            if step < oldest_kept:
+                _remove_tag(mirror, step)
+
+
+def _remove_tag(mirror: str, step: int) -> None:
+    base = storage.join(mirror, tag_for(step))
+    if not storage.is_s3(base):
+        shutil.rmtree(base.removeprefix("file://"), ignore_errors=True)
+        return
+    # the marker first, so a removal cut short leaves no "complete" remains
+    for url in sorted(_list(base), key=lambda u: not u.endswith("/" + MARKER)):
+        storage.remove(url)
+
+
+# --- save and restore (collective: every rank calls them) ---------------------------------
+
+def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, local_rank: int,
+         mirror: str | None, keep: int) -> None:
+    """DeepSpeed checkpoint + RNG states, then the marker (rank 0, after every rank is done),
+    then the copy to the mirror (each node its own files, rank 0 the marker last)."""
+    tag = tag_for(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
+    rng_file = ckpt_dir / tag / "rng" / f"rank{rank}.json"
+    rng_file.parent.mkdir(parents=True, exist_ok=True)
+    rng_file.write_text(json.dumps(rng_state()))
+    dist.barrier()
+    if rank == 0:
+        marker = dict(state, tag=tag, world_size=dist.get_world_size())
+        storage.write_bytes(str(ckpt_dir / tag / MARKER), json.dumps(marker).encode())
+    if mirror:
+        if local_rank == 0:  # each node copies what its disk holds (names never collide)
+            upload(ckpt_dir / tag, mirror, marker=False)
+        dist.barrier()
+        if rank == 0:
+            upload(ckpt_dir / tag, mirror, marker=True)
+    dist.barrier()
+    if local_rank == 0:
+        prune(ckpt_dir, mirror, keep, is_writer=rank == 0)
+
+
+def restore(engine, ckpt_dir: Path, rank: int, local_rank: int, mirror: str | None,
+            fingerprint: str) -> dict | None:
+    """Load the newest complete checkpoint (local, else the mirror's) into the engine and this
+    rank's RNGs; returns its marker (step, samples_seen, run_id, ...) or None to start fresh.
+    A checkpoint of another run (its ``fingerprint`` differs) is refused, not half-loaded."""
+    choice = [None]
+    if rank == 0:
+        local = complete_steps(str(ckpt_dir))
+        remote = complete_steps(mirror) if mirror else []
+        best = max(local + remote, default=None)
+        choice = [None if best is None else (best, best not in local)]
+    dist.broadcast_object_list(choice, src=0)
+    if choice[0] is None:
+        return None
+    step, from_mirror = choice[0]
+    tag = tag_for(step)
+    if local_rank == 0 and not (ckpt_dir / tag / MARKER).exists():
+        if not mirror:
+            raise StorageError(f"{ckpt_dir / tag}: checkpoint missing on this node and no "
+                               "checkpoint_mirror to fetch it from")
+        log.warning("fetching checkpoint %s from %s", tag, mirror)
+        download(mirror, tag, ckpt_dir)
+    dist.barrier()
+    marker = json.loads((ckpt_dir / tag / MARKER).read_text())
+    if marker.get("fingerprint") != fingerprint:
+        raise ConfigError(f"{ckpt_dir / tag}: a checkpoint of a run with another model, "
+                          "optimizer or schedule; give a new output_dir (and "
+                          "checkpoint_mirror), or resume=false to start over")
+    if marker["world_size"] != dist.get_world_size():
+        log.warning("checkpoint %s was written by %d ranks, resuming on %d", tag,
+                    marker["world_size"], dist.get_world_size())
+    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise StorageError(f"{ckpt_dir / tag}: DeepSpeed could not load the checkpoint")
+    rng_file = ckpt_dir / tag / "rng" / f"rank{rank}.json"
+    if rng_file.exists():
+        set_rng_state(json.loads(rng_file.read_text()))
+    if rank == 0:
+        log.info("resumed from %s (step %d, %d samples seen%s)", tag, marker["step"],
+                 marker["samples_seen"], ", fetched from the mirror" if from_mirror else "")
+    return marker
+
+
+def clear(ckpt_dir: Path, rank: int, local_rank: int, mirror: str | None) -> None:
+    """``resume=false``: remove an earlier run's checkpoints (here and in the mirror), so a
+    later resume can never pick one of them up."""
+    if local_rank == 0 and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if mirror and rank == 0:
+        for step in complete_steps(mirror):
+            _remove_tag(mirror, step)
+    dist.barrier()
+
+
+def export_fp32(engine) -> dict[str, torch.Tensor]:
+    """Full fp32 weights (the optimizer's master copy under bf16) on every rank: a collective
+    under ZeRO 1-3, which assembles each parameter from the ranks' partitions."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    keys = set(module.state_dict().keys())
+    state = {}
+    for name, param in module.named_parameters():
+        full = safe_get_full_fp32_param(param)  # None without a ZeRO / bf16 optimizer
+        state[name] = (param if full is None else full).detach().float().cpu().clone()
+    for name, buf in module.named_buffers():
+        if name in keys:
+            state[name] = buf.detach().cpu().clone()
+    return state
