@@ -75,9 +75,16 @@ def retrain_flow(config: PipelineConfig = PipelineConfig(), tracking_uri: str | 
     train_cfg.data = shards
     train_cfg.output_dir = storage.join(cfg.workdir, "train")
     train_cfg.tracking.tracking_uri = tracking_uri
-    trained = stage("train", {"config": train_cfg.model_dump(mode="json"), "data": ingested,
-                              "backend": backend,
-                              "kube": kube.model_dump(mode="json") if kube else None},
+    train_inputs = {"config": train_cfg.model_dump(mode="json"), "data": ingested,
+                    "backend": backend, "kube": kube.model_dump(mode="json") if kube else None}
+    # One folder per training: a retrain resumed after a failure has the same inputs, so it
+    # finds its checkpoints there (and in the mirror) and resumes inside training; a new
+    # retrain (new data, new manifest) starts fresh rather than resuming yesterday's run.
+    run_dir = stage_key("train", train_inputs)[:12]
+    train_cfg.output_dir = storage.join(cfg.workdir, "train", run_dir)
+    if not local and not train_cfg.checkpoint_mirror:
+        train_cfg.checkpoint_mirror = storage.join(cfg.workdir, "checkpoints", run_dir)
+    trained = stage("train", train_inputs,
                     lambda: train_flow(train_cfg, backend, kube, cfg.workdir))
 
     metrics = stage("evaluate", {"model": trained["package"], "run_id": trained["run_id"],
@@ -94,7 +101,8 @@ def retrain_flow(config: PipelineConfig = PipelineConfig(), tracking_uri: str | 
                                           config=cfg.promote, eval_config=cfg.eval,
                                           tracking_uri=tracking_uri,
                                           serving_deployment=serving_deployment))
-    summary = {"ingested": ingested, "training_run_id": trained["run_id"], "metrics": metrics,
+    summary = {"ingested": ingested, "training_run_id": trained["run_id"],
+               "package": trained["package"], "metrics": metrics,
                "model": f"models:/{cfg.model_name}/{version}",
                "promotion": {k: decision[k] for k in ("promoted", "reason")},
                "champion": f"models:/{cfg.model_name}@champion",

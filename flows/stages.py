@@ -43,7 +43,12 @@ def ingest_task(source: str, output: str, config: IngestConfig) -> dict:
     for r in result.rejects:
         get_run_logger().warning("rejected %s: %s", r["source"], r["error"])
     m = result.manifest
-    return {"output": output, "train": m["splits"]["train"]["count"],
+    from clipgs.data.shards import manifest_checksum
+
+    # the manifest's checksum changes with every ingestion (its time and stage seconds too), so
+    # a new retrain's training never mistakes itself for an earlier one
+    return {"output": output, "manifest_sha256": manifest_checksum(m),
+            "train": m["splits"]["train"]["count"],
             "test": m["splits"]["test"]["count"], "rejected": len(result.rejects),
             "shards_written": result.written_shards, "shards_skipped": result.skipped_shards}
 

@@ -112,7 +112,8 @@ def test_embed_with_the_champion(pipeline_run, shared_data, capsys):
     assert main(["embed", "--tracking-uri", db, "--out", str(root / "e.npy"), *files]) == 0
     emb = np.load(root / "e.npy")
     assert emb.shape[0] == 2 and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
-    local = embed_files(files, str(root / "work" / "train" / "package"))
+    assert summary["package"].startswith(str(root / "work" / "train"))
+    local = embed_files(files, summary["package"])
     np.testing.assert_allclose(emb, local, atol=1e-5)  # served == in-process
     bad = root / "bad.ply"
     bad.write_bytes(b"not a ply")
