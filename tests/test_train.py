@@ -284,3 +284,26 @@ def test_resume_false_clears_the_earlier_runs_checkpoints(tmp_path):
     finally:
         dist.destroy_process_group()
     assert not ckpt.exists() and complete_steps(str(mirror)) == []
+
+
+def test_resume_refuses_a_checkpoint_trained_against_another_teacher(tmp_path):
+    """The marker records the teacher; shards of another teacher never continue that run."""
+    import json
+
+    import torch.distributed as dist
+
+    from clipgs.errors import TeacherMismatchError
+    from clipgs.train import checkpoint
+
+    tag = tmp_path / checkpoint.tag_for(10)
+    tag.mkdir()
+    (tag / checkpoint.MARKER).write_text(json.dumps({
+        "step": 10, "samples_seen": 320, "fingerprint": "f", "teacher_sha256": "a" * 64,
+        "tag": tag.name, "world_size": 1}))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        with pytest.raises(TeacherMismatchError, match="re-ingest with the run's teacher"):
+            checkpoint.restore(None, tmp_path, 0, 0, None, "f", teacher_sha256="b" * 64)
+    finally:
+        dist.destroy_process_group()

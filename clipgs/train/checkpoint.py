@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from clipgs.data import storage
-from clipgs.errors import ConfigError, StorageError
+from clipgs.errors import ConfigError, StorageError, TeacherMismatchError
 
 log = logging.getLogger("clipgs.train")
 MARKER = "clipgs_checkpoint.json"
@@ -189,7 +189,7 @@ def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, local_rank: 
 
 
 def restore(engine, ckpt_dir: Path, rank: int, local_rank: int, mirror: str | None,
-            fingerprint: str) -> dict | None:
+            fingerprint: str, teacher_sha256: str | None = None) -> dict | None:
     """Load the newest complete checkpoint (local, else the mirror's) into the engine and this
     rank's RNGs; returns its marker (step, samples_seen, run_id, ...) or None to start fresh.
     A checkpoint of another run (its ``fingerprint`` differs) is refused, not half-loaded."""
@@ -212,6 +212,11 @@ def restore(engine, ckpt_dir: Path, rank: int, local_rank: int, mirror: str | No
         download(mirror, tag, ckpt_dir)
     dist.barrier()
     marker = json.loads((ckpt_dir / tag / MARKER).read_text())
+    if teacher_sha256 and marker.get("teacher_sha256", teacher_sha256) != teacher_sha256:
+        raise TeacherMismatchError(
+            f"{ckpt_dir / tag}: trained against teacher {marker['teacher_sha256'][:12]}, but "
+            f"the shards' manifest names teacher {teacher_sha256[:12]}; re-ingest with the "
+            "run's teacher, or start a new run (new output_dir, or resume=false)")
     if marker.get("fingerprint") != fingerprint:
         raise ConfigError(f"{ckpt_dir / tag}: a checkpoint of a run with another model, "
                           "optimizer or schedule; give a new output_dir (and "

@@ -89,7 +89,8 @@ def run(config: TrainConfig) -> dict:
     marker = None
     if config.resume:
         marker = checkpoint.restore(engine, ckpt_dir, rank, dist_info.local_rank,
-                                    config.checkpoint_mirror, fingerprint)
+                                    config.checkpoint_mirror, fingerprint,
+                                    teacher_sha256=manifest["teacher"]["sha256"])
     else:
         checkpoint.clear(ckpt_dir, rank, dist_info.local_rank, config.checkpoint_mirror)
     if marker is None:
@@ -130,6 +131,7 @@ def run(config: TrainConfig) -> dict:
         if step % config.checkpoint_every == 0 or step == end:
             checkpoint.save(engine, ckpt_dir, step, {
                 "step": step, "samples_seen": seen, "fingerprint": fingerprint,
+                "teacher_sha256": manifest["teacher"]["sha256"],
                 "run_id": tracker.run_id if tracker else None},
                 rank, dist_info.local_rank, config.checkpoint_mirror, config.keep_checkpoints)
 
