@@ -1,10 +1,16 @@
 """The CLIP-GS 3D encoder (method.md sections 2-3), readable in one sitting.
 
 Grouped patches [B, G, k, 14] and centres [B, G, 3] -> GS refinement block (two branches,
-summed) + centre position MLP -> CLS + transformer -> projection to the teacher's width.
+summed) + centre position MLP -> serialization along a space-filling curve -> patch dropout ->
+CLS + transformer -> projection to the teacher's width.
+
+Module names follow Uni3D's point encoder and timm's EVA blocks where the weights can come from
+a Uni3D checkpoint (clipgs/models/uni3d.py holds the key map).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn as nn
@@ -12,20 +18,25 @@ import torch.nn.functional as F
 
 from clipgs.config import ModelConfig
 from clipgs.data.gaussians import NUM_ATTRIBUTES, SLICES
+from clipgs.models.serialization import serialize
+
+log = logging.getLogger(__name__)
 
 
 class PointNetPatch(nn.Module):
-    """Branch 1: position + colour of each patch through a mini-PointNet (Uni3D's patch
-    encoder: shared per-point MLP, max-pool, concat the pooled feature, MLP, max-pool), the
-    branch whose weights can come from a point-cloud model. 1x1 convolutions as matmuls."""
+    """Branch 1: position + colour of each patch through a mini-PointNet, Uni3D's patch encoder
+    (shared per-point MLP, max-pool, concat the pooled feature, MLP, max-pool) and its
+    ``encoder2trans`` projection. The branch whose weights can come from a point-cloud model.
+    1x1 convolutions as matmuls."""
 
-    def __init__(self, in_channels: int, width: int, channels: tuple[int, int, int]):
+    def __init__(self, in_channels: int, width: int, channels: tuple[int, int, int], out: int):
         super().__init__()
         c1, c2, c3 = channels
         self.fc1, self.bn1, self.fc2 = nn.Linear(in_channels, c1), nn.BatchNorm1d(c1), \
             nn.Linear(c1, c2)
         self.fc3, self.bn3, self.fc4 = nn.Linear(2 * c2, c3), nn.BatchNorm1d(c3), \
-            nn.Linear(c3, width)
+            nn.Linear(c3, out)
+        self.proj = nn.Linear(out, width)
 
     @staticmethod
     def _bn(bn: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
@@ -35,7 +46,7 @@ class PointNetPatch(nn.Module):
         f = self.fc2(F.relu(self._bn(self.bn1, self.fc1(x))))  # [N, k, c2]
         g = f.max(dim=1, keepdim=True).values.expand_as(f)
         f = self.fc4(F.relu(self._bn(self.bn3, self.fc3(torch.cat([g, f], dim=-1)))))
-        return f.max(dim=1).values
+        return self.proj(f.max(dim=1).values)
 
 
 class AttributeConv(nn.Module):
@@ -56,24 +67,58 @@ class AttributeConv(nn.Module):
         return self.out(self.convs(x.transpose(1, 2)).max(dim=2).values)
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block."""
+class Attention(nn.Module):
+    """EVA's attention: a bias-free qkv matmul plus learnable q and v biases (k has none)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
+    def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(width))
+        self.v_bias = nn.Parameter(torch.zeros(width))
+        self.proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, c // self.heads).unbind(2)
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        q, k, v = F.linear(x, self.qkv.weight, bias).view(b, t, 3, self.heads, -1).unbind(2)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                            v.transpose(1, 2))
-        x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
-        return x + self.mlp(self.ln2(x))
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class Mlp(nn.Module):
+    """``gelu``: fc1 -> GELU -> fc2 (EVA-giant, the CPU default); ``swiglu``:
+    SiLU(fc1_g) * fc1_x -> fc2 (EVA02-Ti/S); ``swiglu_norm``: with a LayerNorm before fc2
+    (EVA02-B/L)."""
+
+    def __init__(self, width: int, hidden: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        if kind == "gelu":
+            self.fc1 = nn.Linear(width, hidden)
+        else:
+            self.fc1_g, self.fc1_x = nn.Linear(width, hidden), nn.Linear(width, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=1e-6) if kind == "swiglu_norm" else nn.Identity()
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.fc1(x)) if self.kind == "gelu" else F.silu(self.fc1_g(x)) * self.fc1_x(x)
+        return self.fc2(self.norm(h))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, EVA's layout (norm1, attn, norm2, mlp)."""
+
+    def __init__(self, width: int, heads: int, hidden: int, mlp: str):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width, eps=1e-6), nn.LayerNorm(width, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.mlp = Mlp(width, hidden, mlp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
 
 
 class GSEncoder(nn.Module):
@@ -83,28 +128,72 @@ class GSEncoder(nn.Module):
             raise ValueError(f"model.width {config.width} is not divisible by model.heads "
                              f"{config.heads}")
         self.config = config
-        self.pos_colour = PointNetPatch(6, config.width, config.pointnet_channels)
-        self.attributes = AttributeConv(config.width, config.attribute_channels)
-        self.pos_embed = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, config.width))
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.width))
-        self.cls_pos = nn.Parameter(torch.randn(1, 1, config.width) * 0.02)
-        self.blocks = nn.ModuleList(Block(config.width, config.heads, config.mlp_ratio)
+        w = config.width
+        self.pos_colour = PointNetPatch(6, w, config.pointnet_channels, config.pointnet_out)
+        self.attributes = AttributeConv(w, config.attribute_channels) \
+            if config.attribute_branch else None
+        self.pos_embed = nn.Sequential(nn.Linear(3, 128), nn.GELU(), nn.Linear(128, w))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, w))
+        self.cls_pos = nn.Parameter(torch.randn(1, 1, w) * 0.02)
+        # Serialization is only visible to attention through these: an embedding of each
+        # token's index along the curve, and one per order (as Point Transformer V3's prompts).
+        orders = config.serialization
+        self.seq_embed = nn.Parameter(torch.zeros(1, config.groups, w)) if orders else None
+        self.order_embed = nn.Parameter(torch.zeros(len(orders), w)) if orders else None
+        hidden = config.mlp_hidden or int(w * config.mlp_ratio)
+        self.blocks = nn.ModuleList(Block(w, config.heads, hidden, config.mlp)
                                     for _ in range(config.depth))
-        self.norm = nn.LayerNorm(config.width)
-        self.head = nn.Linear(config.width, embed_dim)
+        self.norm = nn.LayerNorm(w, eps=1e-6)
+        self.head = nn.Linear(w, embed_dim)
+        if orders:
+            nn.init.normal_(self.seq_embed, std=0.02)
+            nn.init.normal_(self.order_embed, std=0.02)
 
-    def forward(self, patches: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-        """patches [B, G, k, 14], centres [B, G, 3] -> embeddings [B, D] (not normalised)."""
+    def tokens(self, patches: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        """The GS tokenizer's output: [B, G, k, 14], [B, G, 3] -> tokens [B, G, width]."""
         b, g, k, _ = patches.shape
         flat = patches.reshape(b * g, k, NUM_ATTRIBUTES)
         pc = torch.cat([flat[..., SLICES["xyz"]], flat[..., SLICES["rgb"]]], dim=-1)
-        tokens = (self.pos_colour(pc) + self.attributes(flat)).view(b, g, -1)
-        tokens = tokens + self.pos_embed(centres)
+        tokens = self.pos_colour(pc)
+        if self.attributes is not None:
+            tokens = tokens + self.attributes(flat)
+        return tokens.view(b, g, -1) + self.pos_embed(centres)
+
+    def order_index(self) -> int:
+        """One order per batch while training (drawn from torch's RNG), the first otherwise."""
+        n = len(self.config.serialization)
+        return int(torch.randint(n, ())) if self.training and n > 1 else 0
+
+    def forward(self, patches: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        """patches [B, G, k, 14], centres [B, G, 3] -> embeddings [B, D] (not normalised)."""
+        tokens = self.tokens(patches, centres)
+        b, g, w = tokens.shape
+        if self.seq_embed is not None:
+            if g != self.seq_embed.shape[1]:
+                raise ValueError(f"{g} patches per object, but the model was built for "
+                                 f"model.groups={self.seq_embed.shape[1]}")
+            o = self.order_index()
+            perm = serialize(centres, self.config.serialization[o])
+            tokens = tokens.gather(1, perm[..., None].expand(-1, -1, w))
+            tokens = tokens + self.seq_embed + self.order_embed[o]
         if self.training and self.config.patch_dropout > 0:
             keep = max(1, int(g * (1 - self.config.patch_dropout)))
-            idx = torch.rand(b, g, device=tokens.device).argsort(dim=1)[:, :keep]
-            tokens = tokens.gather(1, idx[..., None].expand(-1, -1, tokens.shape[-1]))
+            # sorted, so the survivors keep their serialized order
+            idx = torch.rand(b, g, device=tokens.device).argsort(dim=1)[:, :keep].sort(1).values
+            tokens = tokens.gather(1, idx[..., None].expand(-1, -1, w))
         x = torch.cat([(self.cls_token + self.cls_pos).expand(b, -1, -1), tokens], dim=1)
         for block in self.blocks:
             x = block(x)
         return self.head(self.norm(x[:, 0]))
+
+
+def build_encoder(config: ModelConfig, embed_dim: int) -> GSEncoder:
+    """The encoder of a new training run: initialised from ``config.init_from`` (a Uni3D
+    checkpoint) when given, with the load report logged."""
+    encoder = GSEncoder(config, embed_dim)
+    if config.init_from:
+        from clipgs.models.uni3d import load_uni3d
+
+        report = load_uni3d(encoder, config.init_from)
+        log.info("%s", report.summary())
+    return encoder

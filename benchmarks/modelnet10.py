@@ -1,0 +1,352 @@
+"""Proof that the model learns: ModelNet10 -> gaussians -> CLIP-GS, evaluated on the 908 test
+shapes (zero-shot top-1/3/5 with the prompt ensemble, 10-way 10-shot linear probe over 10
+episodes, retrieval R@1), with the offline teacher (clipgs.models.teacher.Teacher()).
+
+One command (the first run builds the cache under work/bench-modelnet10/, later runs reuse it):
+
+    nice .venv/bin/python -m benchmarks.modelnet10        # the model of method.md, 22 min
+    nice .venv/bin/python -m benchmarks.modelnet10 --steps 300                        # baseline
+    nice .venv/bin/python -m benchmarks.modelnet10 --steps 300 --image-loss random    # ablation
+    nice .venv/bin/python -m benchmarks.modelnet10 --steps 300 --position-colour-only
+    nice .venv/bin/python -m benchmarks.modelnet10 --steps 300 --no-serialization
+
+What is real: the project's tokenizer (group_torch for training batches, group_numpy - the
+package's path - for evaluation), GSEncoder, ClipGSLoss and the evaluation metrics of
+clipgs.eval. What is the benchmark's own: a plain single-process PyTorch loop (no DeepSpeed),
+and the cache: each grid's surface voxels as gaussians (clipgs.data.sources.voxels_to_gaussians)
+resampled to --points, K rendered views (clipgs.data.views.render at the teacher's image size)
+and the teacher's text and image embeddings. 27 train and 7 test grids are empty; they cannot
+become gaussians, are reported and skipped, and count as wrong in the "of 908" figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from clipgs.config import EvalConfig, LossConfig, ModelConfig
+from clipgs.data.gaussians import SLICES, resample
+from clipgs.data.sources import MODELNET10_CLASSES, PROMPT, class_text, voxels_to_gaussians
+from clipgs.data.views import render, ring_cameras
+from clipgs.eval.evaluate import class_embeddings
+from clipgs.eval.fewshot import linear_probe_episodes
+from clipgs.eval.metrics import retrieval_metrics, topk_accuracy
+from clipgs.models.encoder import GSEncoder
+from clipgs.models.teacher import Teacher
+from clipgs.models.tokenizer import group_numpy, group_torch
+from clipgs.train.loss import ClipGSLoss
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "shapes" / \
+    "modelnet10.npz"
+CACHE_VERSION = 1
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------- the cache (built once)
+
+def build_cache(path: Path, points: int, views: int, teacher: Teacher,
+                limit: int | None = None) -> dict:
+    data = np.load(DATA, allow_pickle=False)
+    grids = {s: data[f"X_{s}"] for s in ("train", "test")}  # each access re-reads the npz
+    labels = {s: data[f"y_{s}"] for s in ("train", "test")}
+    if limit:  # a smoke-test subset, evenly spaced (the splits are sorted by class)
+        for s in grids:
+            keep = np.unique(np.linspace(0, len(grids[s]) - 1, limit).round().astype(int))
+            grids[s], labels[s] = grids[s][keep], labels[s][keep]
+    cams = ring_cameras(views)
+    out = {"points": [], "label": [], "split": [], "valid": [], "img": []}
+    rng = np.random.default_rng(0)
+    t0 = time.time()
+    total = sum(len(g) for g in grids.values())
+    done = 0
+    for split, X in grids.items():
+        for i, grid in enumerate(X):
+            done += 1
+            out["label"].append(int(labels[split][i]))
+            out["split"].append(0 if split == "train" else 1)
+            if not grid.any():
+                log(f"skipping {split}/{i} ({MODELNET10_CLASSES[labels[split][i]]}): empty "
+                    "occupancy grid, no gaussians")
+                out["valid"].append(False)
+                out["points"].append(np.zeros((points, 14), np.float32))
+                out["img"].append(np.zeros((views, teacher.image_size, teacher.image_size, 3),
+                                           np.uint8))
+                continue
+            p = resample(voxels_to_gaussians(grid).activated(), points, rng)
+            out["valid"].append(True)
+            out["points"].append(p)
+            # max_radius 2: voxel gaussians are about 1 px wide at 64 px, so 5x5 footprints
+            # lose nothing and render 3x faster than the default 9x9
+            out["img"].append(np.stack([(render(p, r, teacher.image_size, max_radius=2) * 255)
+                                        .round().byte().numpy() for r in cams]))
+            if done % 500 == 0:
+                log(f"cache: {done}/{total} objects rendered ({time.time() - t0:.0f} s)")
+    images = np.stack(out.pop("img"))
+    n = len(images)
+    log(f"cache: teacher image embeddings of {n} x {views} views")
+    flat = images.reshape(n * views, *images.shape[2:])
+    img_emb = []
+    for i in range(0, len(flat), 2048):
+        img_emb.append(teacher.encode_images(flat[i:i + 2048]))
+        log(f"cache: {min(i + 2048, len(flat))}/{len(flat)} views embedded")
+    img_emb = np.concatenate(img_emb)
+    captions = [PROMPT.format(class_text(c)) for c in MODELNET10_CLASSES]  # as ingest writes
+    cache = {"points": np.stack(out["points"]), "label": np.array(out["label"]),
+             "split": np.array(out["split"]), "valid": np.array(out["valid"]),
+             "img_emb": img_emb.reshape(n, views, -1).astype(np.float32),
+             "txt_emb": teacher.encode_text(captions).astype(np.float32),
+             "view0": images[:8, 0], "teacher_sha256": np.array(teacher.identity()["sha256"])}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **cache)
+    tmp.rename(path)  # a half-written cache never looks complete
+    log(f"cache: written {path} in {time.time() - t0:.0f} s")
+    return cache
+
+
+def load_cache(args, teacher: Teacher) -> dict:
+    sha = teacher.identity()["sha256"][:12]
+    key = f"v{CACHE_VERSION}-M{args.cache_points}-K{args.views}-{sha}"
+    key += f"-limit{args.limit}" if args.limit else ""
+    path = Path(args.workdir) / f"cache-{key}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as f:
+            cache = {k: f[k] for k in f.files}
+        log(f"cache: {path} ({len(cache['label'])} objects)")
+        return cache
+    return build_cache(path, args.cache_points, args.views, teacher, args.limit)
+
+
+# ---------------------------------------------------------------- training
+
+def augment(points: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random anisotropic scaling (0.8-1.25 per axis), renormalised to the unit ball as
+    activation does; gaussian scales follow their positions."""
+    b = points.shape[0]
+    s = torch.exp(torch.empty(b, 1, 3).uniform_(math.log(0.8), math.log(1.25), generator=gen))
+    p = points.clone()
+    p[..., SLICES["xyz"]] *= s
+    # clamped: a few grids have a single voxel (every gaussian at the centroid)
+    radius = p[..., SLICES["xyz"]].norm(dim=-1).amax(dim=1, keepdim=True)[..., None]
+    radius = radius.clamp_min(1e-6)
+    p[..., SLICES["xyz"]] /= radius
+    p[..., SLICES["scale"]] *= s / radius
+    return p
+
+
+class Model(nn.Module):
+    """Encoder + learnable logit scale (clamped, as the trainer's) + loss."""
+
+    def __init__(self, model: ModelConfig, loss: LossConfig, embed_dim: int):
+        super().__init__()
+        self.encoder = GSEncoder(model, embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(loss.logit_scale_init)))
+        self.max_log_scale = math.log(loss.logit_scale_max)
+        self.loss = ClipGSLoss(loss)
+
+    def forward(self, patches, centres, txt, img):
+        scale = self.logit_scale.clamp(max=self.max_log_scale).exp()
+        out = self.loss(self.encoder(patches, centres), txt, img, scale)
+        out["scale"] = scale.detach()
+        return out
+
+
+def train(model: Model, cache: dict, args) -> list[dict]:
+    """AdamW with warm-up and cosine decay over the run's progress: steps done / --steps, or
+    with --minutes, wall-clock time / budget (the run stops when the budget is spent)."""
+    train_idx = np.nonzero((cache["split"] == 0) & cache["valid"])[0]
+    points = torch.from_numpy(cache["points"])
+    txt = torch.from_numpy(cache["txt_emb"])[torch.from_numpy(cache["label"])]
+    img = torch.from_numpy(cache["img_emb"])
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "token" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "token" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
+                             {"params": rest, "weight_decay": 0.0}], lr=args.lr,
+                            betas=(0.9, 0.98))
+
+    def lr_at(progress: float) -> float:
+        if progress < 0.05:
+            return args.lr * max(progress, 0.002) / 0.05
+        t = min(1.0, (progress - 0.05) / 0.95)
+        return 1e-5 + 0.5 * (args.lr - 1e-5) * (1 + math.cos(math.pi * t))
+
+    gen = torch.Generator().manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    order, pos, history = rng.permutation(train_idx), 0, []
+    model.train()
+    t0 = window = time.time()
+    cpu0 = time.process_time()
+    budget = None if args.steps else args.minutes * 60
+    step = 0
+    while True:
+        progress = (time.time() - t0) / budget if budget else step / args.steps
+        if progress >= 1.0:
+            break
+        if pos + args.batch > len(order):
+            order, pos = rng.permutation(train_idx), 0
+        idx = torch.from_numpy(order[pos:pos + args.batch])
+        pos += args.batch
+        keep = torch.rand(len(idx), points.shape[1], generator=gen).argsort(1)[:, :args.points]
+        batch = augment(points[idx[:, None], keep], gen)  # a new random subset every step
+        start = torch.randint(0, batch.shape[1], (len(idx),), generator=gen)
+        patches, centres = group_torch(batch, args.groups, args.group_size, start=start)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(progress)
+        out = model(patches, centres, txt[idx], img[idx])
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % args.log_every == 0:
+            rate = args.log_every * args.batch / (time.time() - window)
+            window = time.time()
+            row = {k: round(float(v.detach()), 4) for k, v in out.items()}
+            row.update(step=step, lr=lr_at(progress), elapsed_s=round(time.time() - t0),
+                       cpu_s=round(time.process_time() - cpu0),
+                       epochs=round(step * args.batch / len(train_idx), 2))
+            history.append(row)
+            log(f"step {step} ({100 * progress:.0f}%) epoch {row['epochs']:.1f} loss "
+                f"{row['loss']:.3f} (text {row['loss_text']:.3f}, image "
+                f"{row['loss_image']:.3f}) scale {row['scale']:.1f} lr {row['lr']:.1e} "
+                f"{rate:.0f} obj/s")
+    history.append({"step": step, "elapsed_s": round(time.time() - t0),
+                    "cpu_s": round(time.process_time() - cpu0),
+                    "epochs": round(step * args.batch / len(train_idx), 2)})
+    return history
+
+
+# ---------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def embed(encoder: GSEncoder, points: np.ndarray, args) -> np.ndarray:
+    """Unit embeddings through the package's path: group_numpy per object, eval mode."""
+    encoder.eval()
+    out = []
+    for i in range(0, len(points), 64):
+        grouped = [group_numpy(p, args.groups, args.group_size) for p in points[i:i + 64]]
+        patches = torch.from_numpy(np.stack([g[0] for g in grouped]))
+        centres = torch.from_numpy(np.stack([g[1] for g in grouped]))
+        out.append(torch.nn.functional.normalize(encoder(patches, centres), dim=-1).numpy())
+    return np.concatenate(out)
+
+
+def evaluate(encoder: GSEncoder, cache: dict, teacher: Teacher, args) -> dict:
+    test = np.nonzero(cache["split"] == 1)[0]
+    valid = test[cache["valid"][test]]
+    labels = cache["label"][valid]
+    rng = np.random.default_rng(args.seed)  # one fixed subset per object, as resampling does
+    g = embed(encoder, np.stack([resample(p, args.points, rng) for p in cache["points"][valid]]),
+              args)
+    classes = list(MODELNET10_CLASSES)
+    logits = g @ class_embeddings(teacher, classes, EvalConfig().prompts).T
+    n_all = len(test)
+    res = {"test_objects": int(n_all), "test_objects_with_gaussians": int(len(valid))}
+    for k in (1, 3, 5):
+        acc = topk_accuracy(logits, labels, k)
+        res[f"zeroshot_top{k}"] = acc
+        res[f"zeroshot_top{k}_of_all"] = acc * len(valid) / n_all  # empty grids count wrong
+    confusion = np.zeros((10, 10), int)
+    np.add.at(confusion, (labels, logits.argmax(1)), 1)
+    res["confusion"] = confusion.tolist()
+    probe = linear_probe_episodes(g, labels, way=10, shot=10, episodes=10, seed=args.seed)
+    res.update(probe or {})
+    emb = {"g": g, "txt": cache["txt_emb"][labels], "img": cache["img_emb"][valid, 0]}
+    res.update({k: v for k, v in retrieval_metrics(emb, [1]).items()})
+    return res
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--image-loss", choices=["vote", "random", "mean"], default="vote",
+                   help="ablation: image voting loss (default) vs one random view")
+    p.add_argument("--image-weight", type=float, default=1.0, help="0 = text loss only")
+    p.add_argument("--position-colour-only", action="store_true",
+                   help="ablation: GS tokenizer without branch 2 (14 attributes)")
+    p.add_argument("--no-serialization", action="store_true", help="ablation: no token orders")
+    p.add_argument("--minutes", type=float, default=22.0,
+                   help="training length in wall-clock minutes (with the cache's 8 min on a "
+                   "first run, about the 30-minute budget)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training length in steps instead (ablations: comparable lengths)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--cache-points", type=int, default=1024,
+                   help="gaussians per object in the cache (and the rendered views)")
+    p.add_argument("--points", type=int, default=512,
+                   help="gaussians per object the model sees: a random subset of the cached "
+                   "ones per training step, a fixed one for evaluation")
+    p.add_argument("--views", type=int, default=3)
+    p.add_argument("--groups", type=int, default=32)
+    p.add_argument("--group-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; on this shared 2-core machine 2 threads spin-wait and "
+                   "ran 3x slower than 1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--workdir", default="work/bench-modelnet10")
+    p.add_argument("--cache-only", action="store_true", help="build the cache and stop")
+    p.add_argument("--limit", type=int, default=None,
+                   help="objects per split (a smoke test; the figures need all)")
+    args = p.parse_args(argv)
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    torch.set_num_threads(args.threads)
+    teacher = Teacher()
+    cache = load_cache(args, teacher)
+    t_cache = time.time() - t0
+    if args.cache_only:
+        return {"cache_s": round(t_cache)}
+    model_cfg = ModelConfig(groups=args.groups, group_size=args.group_size,
+                            attribute_branch=not args.position_colour_only,
+                            serialization=() if args.no_serialization else
+                            ModelConfig().serialization)
+    loss_cfg = LossConfig(image_views=args.image_loss, image_weight=args.image_weight)
+    model = Model(model_cfg, loss_cfg, cache["txt_emb"].shape[1])
+    n_params = sum(p.numel() for p in model.encoder.parameters())
+    log(f"model: {n_params / 1e6:.2f}M parameters; {model_cfg.model_dump_json()}")
+    log(f"loss: {loss_cfg.model_dump_json()}")
+    t1 = time.time()
+    history = train(model, cache, args)
+    t_train = time.time() - t1
+    res = evaluate(model.encoder, cache, teacher, args)
+    res.update(cache_s=round(t_cache), train_s=round(t_train),
+               total_s=round(time.time() - t0), params=n_params, argv=vars(args),
+               train=history[-1], last_log=history[-2] if len(history) > 1 else None)
+    ablation = "-".join(a for a, on in (("random-view", args.image_loss == "random"),
+                                         ("mean-view", args.image_loss == "mean"),
+                                         ("pos-colour-only", args.position_colour_only),
+                                         ("no-serialization", args.no_serialization),
+                                         (f"imgw{args.image_weight:g}", args.image_weight != 1),
+                                         (f"lr{args.lr:g}", args.lr != 1e-3)) if on)
+    length = f"s{args.steps}" if args.steps else f"m{args.minutes:g}"
+    name = f"result-{ablation or 'full'}-{length}-seed{args.seed}"
+    digest = hashlib.sha1(json.dumps(vars(args), sort_keys=True).encode()).hexdigest()[:6]
+    out = Path(args.workdir) / f"{name}-{digest}.json"
+    out.write_text(json.dumps({"result": res, "history": history}, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k not in ("confusion", "argv")},
+                     indent=1))
+    log(f"zero-shot top-1 {res['zeroshot_top1']:.3f} (top-3 {res['zeroshot_top3']:.3f}, "
+        f"top-5 {res['zeroshot_top5']:.3f}) on {res['test_objects_with_gaussians']} test "
+        f"shapes with gaussians; {res['zeroshot_top1_of_all']:.3f} of all {res['test_objects']}"
+        f"; 10-way 10-shot {res.get('fewshot_acc_mean', float('nan')):.3f} +- "
+        f"{res.get('fewshot_acc_std', float('nan')):.3f}; total {res['total_s'] / 60:.1f} min "
+        f"(cache {t_cache / 60:.1f}, train {t_train / 60:.1f}); written {out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
