@@ -77,3 +77,25 @@ def s3_server(monkeypatch):
     proc.terminate()
     proc.wait(10)
     storage._client_for_pid.cache_clear()
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float, what: str
+                  ) -> None:
+    """Until ``url`` answers 200. A server process that exits or does not answer in time is
+    killed (its whole session) and the test fails with the end of its log."""
+    import requests
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            try:
+                os.killpg(proc.pid, 9)
+            except (ProcessLookupError, PermissionError):
+                proc.kill()
+            pytest.fail(f"{what} did not come up:\n" + log.read_text()[-3000:])
+        time.sleep(0.5)

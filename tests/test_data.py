@@ -1,7 +1,6 @@
 import json
 
 import numpy as np
-import pytest
 
 from clipgs.config import IngestConfig
 from clipgs.data import shards, storage

@@ -4,13 +4,13 @@ train flow submits to Kubernetes (built from the chart, validated against the sc
 cluster here, so submit/wait are not exercised)."""
 
 import socket
-import threading
 
 import pytest
 import yaml
 
 from clipgs.config import IngestConfig, TrainConfig, load_config
 from clipgs.errors import ConfigError, StorageError
+from faults import FaultyProxy
 
 
 @pytest.fixture(scope="module")
@@ -28,49 +28,6 @@ def _task_runs(prefix: str):
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(limit=200, sort=TaskRunSort.EXPECTED_START_TIME_DESC)
     return [r for r in runs if r.name.startswith(prefix)]
-
-
-class FlakyProxy:
-    """A loopback TCP proxy that hangs up on its first ``drop`` connections, then forwards to
-    ``target``: an object store that is unreachable for a while, as clients really see it."""
-
-    def __init__(self, target: int, drop: int):
-        self.target, self.drop, self.dropped, self.forwarded = target, drop, 0, 0
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            if self.dropped < self.drop:
-                self.dropped += 1
-                conn.close()
-                continue
-            self.forwarded += 1
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            for a, b in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src, dst):
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self):
-        self.sock.close()
 
 
 def test_only_transient_failures_retry():
@@ -125,7 +82,7 @@ def test_ingest_retries_a_transient_s3_failure(s3_server, tmp_path, monkeypatch,
     moto_port = int(storage.s3_client().meta.endpoint_url.rsplit(":", 1)[1])
     # botocore makes 5 attempts per request (clipgs.data.storage); 7 hang-ups fail Prefect's
     # first attempt of the stage and leave the second to succeed
-    proxy = FlakyProxy(moto_port, drop=7)
+    proxy = FaultyProxy(moto_port, drop=7)
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
     storage._client_for_pid.cache_clear()
     try:

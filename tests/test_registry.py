@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 
 from clipgs.config import ModelConfig, PromoteConfig
 from clipgs.registry.registry import gate
-from conftest import free_port
+from conftest import free_port, wait_for_http
 
 SMALL = ModelConfig(depth=1, width=48)
 # both candidates are measured on the split the trained one was fitted to: what matters here
@@ -192,21 +191,8 @@ def tracking_server(s3_server, tmp_path):
          f"{s3_server}/mlartifacts", "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
         start_new_session=True)
-    import requests
-
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            os.killpg(proc.pid, 9)
-            pytest.fail("mlflow server did not come up:\n"
-                        + (tmp_path / "server.log").read_text()[-3000:])
-        time.sleep(0.5)
+    wait_for_http(f"{url}/health", proc, tmp_path / "server.log", 120, "mlflow server")
     yield url
     stop(proc)
     log.close()

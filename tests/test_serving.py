@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 from clipgs.config import ModelConfig
 from clipgs.registry.serving import (RequestError, RequestTooLarge, ServingLimits, parse_rows,
                                      ply_vertex_count)
-from conftest import free_port
+from conftest import free_port, wait_for_http
 
 SMALL = ModelConfig(depth=1, width=48)
 LIMITS = {"max_rows": 4, "max_file_bytes": 3_000_000, "max_gaussians": 50_000}
@@ -100,21 +99,8 @@ def server(tiny_dataset, package, tmp_path_factory):
                              "-m", "models:/clipgs@champion", "--env-manager", "local",
                              "-h", "127.0.0.1", "-p", str(port)], cwd=root, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    import requests
-
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while True:
-        try:
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail("mlflow models serve did not come up:\n"
-                        + (root / "serve.log").read_text()[-3000:])
-        time.sleep(0.5)
+    wait_for_http(f"{url}/ping", proc, root / "serve.log", 240, "mlflow models serve")
     yield {"url": url, "db": db, "proc": proc}
     os.killpg(proc.pid, 15)  # the CLI and its uvicorn child (their own process group)
     try:

@@ -4,8 +4,6 @@ uploads midway, the way a dropped connection does; boto3 is the real client thro
 import io
 import json
 import os
-import socket
-import threading
 
 import numpy as np
 import pytest
@@ -14,76 +12,7 @@ from clipgs.config import IngestConfig
 from clipgs.data import shards, storage
 from clipgs.data.ingest import ingest
 from clipgs.errors import StorageError
-
-
-class CuttingProxy:
-    """Forwards loopback TCP to ``upstream``; lets ``skip`` PUT requests through, then cuts the
-    next ``failures`` PUTs after ``after`` bytes (mid-body), then forwards everything."""
-
-    def __init__(self, upstream: int, failures: int, skip: int = 0, after: int = 200_000):
-        self.upstream, self.failures, self.skip, self.after = upstream, failures, skip, after
-        self.cut = 0
-        self.lock = threading.Lock()
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(client,), daemon=True).start()
-
-    def _doom(self, chunk: bytes) -> bool:
-        if not chunk.startswith(b"PUT "):
-            return False
-        with self.lock:
-            if self.skip > 0:
-                self.skip -= 1
-                return False
-            if self.failures > 0:
-                self.failures -= 1
-                self.cut += 1
-                return True
-        return False
-
-    def _handle(self, client: socket.socket):
-        up = socket.create_connection(("127.0.0.1", self.upstream))
-
-        def back():
-            try:
-                while data := up.recv(65536):
-                    client.sendall(data)
-            except OSError:
-                pass
-            finally:
-                client.close()
-
-        threading.Thread(target=back, daemon=True).start()
-        doomed, sent = False, 0
-        try:
-            while data := client.recv(65536):
-                if self._doom(data):
-                    doomed, sent = True, 0
-                if doomed and sent + len(data) > self.after:
-                    up.sendall(data[: max(0, self.after - sent)])
-                    raise OSError("cut")
-                up.sendall(data)
-                sent += len(data)
-        except OSError:
-            pass
-        finally:
-            for s in (client, up):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
-
-    def close(self):
-        self.server.close()
+from faults import FaultyProxy
 
 
 @pytest.fixture
@@ -92,8 +21,8 @@ def proxied(s3_server, monkeypatch):
     upstream = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
     proxies = []
 
-    def make(failures: int, skip: int = 0, after: int = 200_000) -> CuttingProxy:
-        proxy = CuttingProxy(upstream, failures, skip, after)
+    def make(failures: int, skip: int = 0, after: int = 200_000) -> FaultyProxy:
+        proxy = FaultyProxy(upstream, cut=failures, skip=skip, after=after)
         proxies.append(proxy)
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
         storage._client_for_pid.cache_clear()
@@ -109,7 +38,7 @@ def test_multipart_upload_cut_midway_is_retried_whole(proxied):
     proxy = make(failures=2)
     data = np.random.default_rng(0).bytes(12 * 2**20)  # 3 parts of at most 5 MiB
     storage.upload_file_bytes(f"{bucket}/big.tar", data, multipart_mb=5)
-    assert proxy.cut == 2  # the faults really happened
+    assert proxy.cuts == 2  # the faults really happened
     assert storage.read_bytes(f"{bucket}/big.tar") == data
 
 
@@ -119,8 +48,8 @@ def test_upload_that_keeps_failing_leaves_nothing(proxied, monkeypatch):
     proxy = make(failures=10_000)
     with pytest.raises(StorageError, match="big.tar: cannot write after 2 attempts"):
         storage.upload_file_bytes(f"{bucket}/big.tar", b"x" * (11 * 2**20), multipart_mb=5)
-    assert proxy.cut >= 2
-    proxy.failures = 0
+    assert proxy.cuts >= 2
+    proxy.cut = 0
     assert not storage.exists(f"{bucket}/big.tar")
     b, _ = storage._split(bucket)
     assert not storage.s3_client().list_multipart_uploads(Bucket=b).get("Uploads")
@@ -142,8 +71,8 @@ def test_interrupted_ingest_to_s3_resumes(proxied, shared_data, teacher, monkeyp
     proxy = make(failures=10_000, skip=2, after=1000)
     with pytest.raises(StorageError):
         ingest(src, out, config, teacher=teacher)
-    assert proxy.cut > 0
-    proxy.failures = 0
+    assert proxy.cuts > 0
+    proxy.cut = 0
     assert not storage.exists(f"{out}/{shards.MANIFEST}")  # unfinished never looks finished
     again = ingest(src, out, config, teacher=teacher)
     assert again.skipped_shards == 1 and again.written_shards == 3
