@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--position-colour-only", action="store_true",
                    help="ablation: GS tokenizer without branch 2 (14 attributes)")
     p.add_argument("--no-serialization", action="store_true", help="ablation: no token orders")
+    p.add_argument("--patch-dropout", type=float, default=0.0,
+                   help="share of patch tokens dropped in training (Uni3D: 0.5)")
     p.add_argument("--minutes", type=float, default=22.0,
                    help="training length in wall-clock minutes (with the cache's 8 min on a "
                    "first run, about the 30-minute budget)")
@@ -311,6 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.cache_only:
         return {"cache_s": round(t_cache)}
     model_cfg = ModelConfig(groups=args.groups, group_size=args.group_size,
+                            patch_dropout=args.patch_dropout,
                             attribute_branch=not args.position_colour_only,
                             serialization=() if args.no_serialization else
                             ModelConfig().serialization)
