@@ -16,35 +16,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from clipgs.config import IngestConfig
 from clipgs.data import shards, storage
+from benchmarks._common import moto_server
 from clipgs.data.ingest import ingest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def moto_server() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    return proc, f"http://127.0.0.1:{port}"
 
 
 def raw_get(urls: list[str]) -> float:

@@ -27,15 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from clipgs.train.launch import free_port
+
 SPLATS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "splats"
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_model(root: Path) -> tuple[str, str]:

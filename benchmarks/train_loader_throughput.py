@@ -14,7 +14,6 @@ more cores than this one they run side by side).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -50,12 +49,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("overrides", nargs="*", help="TrainConfig overrides")
     args = parser.parse_args()
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                 "DS_ACCELERATOR": "cpu"}.items():
-        os.environ.setdefault(k, v)
-    from clipgs.train.launch import free_port
+    from benchmarks._common import single_rank_env
 
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    single_rank_env()
     import deepspeed
     import torch
 

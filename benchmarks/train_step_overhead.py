@@ -13,7 +13,6 @@ mean step time.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -38,12 +37,9 @@ def main() -> None:
     parser.add_argument("--embed-dim", type=int, default=384)  # the offline teacher's width
     parser.add_argument("overrides", nargs="*", help="TrainConfig overrides, e.g. model.size=base")
     args = parser.parse_args()
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                 "DS_ACCELERATOR": "cpu"}.items():
-        os.environ.setdefault(k, v)
-    from clipgs.train.launch import free_port
+    from benchmarks._common import single_rank_env
 
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    single_rank_env()
     import deepspeed
     from deepspeed.runtime.lr_schedules import WarmupCosineLR
 

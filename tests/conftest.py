@@ -16,6 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+# after the environment above (it imports the trainer); tests import free_port from here
+from clipgs.train.launch import free_port  # noqa: E402, F401
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
@@ -44,12 +47,6 @@ def tiny_dataset(tmp_path_factory, teacher) -> Path:
     src = generate(root / "primitives", per_class=6, gaussians=1024)
     ingest(str(src), str(root / "shards"), IngestConfig(shard_size=12), teacher=teacher)
     return root / "shards"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -1,10 +1,10 @@
 """Checks over a float32 body [N, P] in compiled loops: any NaN/Inf, zero and off-unit
 quaternions.
 
-numpy needs a temporary per operation over the strided quaternion columns (37 ms for 1M
-gaussians); these loops read each value once and vectorise (measured: 0.09 ms for the 45.6k
-donut, 6 ms for 1M). They compile on first use (cached on disk where the package folder is
-writable, else once per process).
+numpy needs a temporary per operation over the strided quaternion columns; these loops read
+each value once and vectorise (``python -m benchmarks.ply_read``: the "ours" column less the
+"body" one is what they cost). They compile on first use (cached on disk where the package
+folder is writable, else once per process).
 """
 
 from __future__ import annotations

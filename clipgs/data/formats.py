@@ -60,34 +60,34 @@ def _check_rotation(path: str, q: np.ndarray, tolerance: float) -> None:
     if zero:
         raise GaussianFormatError(path, f"{zero} zero-length quaternions; expected non-zero",
                                   field="rot_0..3")
-    # |q|^2 within (1 +- tol)^2 of 1
-    off = int(((n2 < (1 - tolerance) ** 2) | (n2 > (1 + tolerance) ** 2)).sum())
+    off = (n2 < (1 - tolerance) ** 2) | (n2 > (1 + tolerance) ** 2)  # |q|^2 vs (1 +- tol)^2
+    _warn_off_unit(path, int(off.sum()), len(q))
+
+
+def _warn_off_unit(path: str, off: int, total: int) -> None:
     if off:
         log.warning("%s: %d of %d quaternions are not unit length; normalised", path, off,
-                    len(q))
+                    total)
 
 
 def finish(path: str, cloud: GaussianCloud, tolerance: float = QUAT_TOLERANCE,
            matrix: np.ndarray | None = None, rot_column: int = -1) -> GaussianCloud:
     """Checks shared by every format. ``matrix``: the whole float body when the fields are
-    views of it (the common case), so one compiled pass checks it all."""
+    views of it (the common case; ``rot_column`` is where its quaternion starts), so one
+    compiled pass checks it all; only when that finds a problem do the field-by-field checks
+    run, to name it."""
     if len(cloud) == 0:
         raise GaussianFormatError(path, "zero gaussians; expected at least one")
-    if matrix is not None and rot_column >= 0:
+    if matrix is not None:
         from clipgs.data.checks import scan
 
         finite, zero, off = scan(matrix, rot_column, tolerance)
         if finite and zero == 0:
-            if off:
-                log.warning("%s: %d of %d quaternions are not unit length; normalised", path,
-                            off, len(cloud))
+            _warn_off_unit(path, off, len(cloud))
             return cloud
-        matrix = None  # something is wrong: the field-by-field checks below name it
-    if matrix is None or not np.isfinite(matrix).all():
-        fields = ("xyz", "f_dc", "opacity", "scale", "rotation", "f_rest", "normals")
-        for name in fields:
-            if getattr(cloud, name) is not None:
-                _check_finite(path, name, getattr(cloud, name))
+    for name in ("xyz", "f_dc", "opacity", "scale", "rotation", "f_rest", "normals"):
+        if getattr(cloud, name) is not None:
+            _check_finite(path, name, getattr(cloud, name))
     _check_rotation(path, cloud.rotation, tolerance)
     return cloud
 

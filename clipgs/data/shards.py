@@ -105,8 +105,8 @@ def check_teacher(manifest: dict, teacher_identity: dict, dataset: str) -> None:
 class _ReadAhead(io.RawIOBase):
     """botocore's StreamingBody as a raw stream that a thread reads ahead of the consumer in
     large chunks, for shards too large to hold: tarfile asks for a few KB at a time, and each
-    small read of the HTTP body costs (measured on loopback: 0.37x of a local folder's
-    throughput with tar's own small reads, 0.59x through this)."""
+    small read of the HTTP body costs (``CLIPGS_S3_WHOLE_MB=0 python -m benchmarks.s3_stream``
+    measures this path)."""
 
     def __init__(self, body, chunk: int, depth: int = 4):
         self.body, self.chunk = body, chunk
@@ -163,8 +163,8 @@ S3_WHOLE_BYTES = int(os.environ.get("CLIPGS_S3_WHOLE_MB", 256)) * 2**20
 
 def _open_s3(url: str, mode: str = "rb", bufsize: int = 8192):
     bucket, key = storage._split(url)
-    # a shard that fits is fetched in one read (measured on loopback: 0.76x of a local folder's
-    # throughput, against 0.59x streamed through the read-ahead thread); a larger one streams
+    # a shard that fits is fetched in one read (on loopback it beat the read-ahead stream in
+    # benchmarks/s3_stream.py, whose goal it still misses); a larger one streams
     try:
         response = storage.s3_client().get_object(Bucket=bucket, Key=key)
         body = response["Body"]
