@@ -115,15 +115,26 @@ def test_serialization_draws_an_order_per_training_batch():
         enc(torch.randn(1, 6, 8, 14), torch.rand(1, 6, 3))
 
 
-def test_attribute_branch_sees_opacity():
-    """Branch 2 carries the non-geometric attributes; without it they cannot matter."""
+def test_attribute_branch_starts_as_a_no_op_and_learns_the_other_attributes():
+    """Branch 2 carries the non-geometric attributes. Its output layer starts at zero (a loaded
+    point-cloud model's tokens are unchanged at init); one optimiser step makes opacity matter.
+    Without the branch, opacity never matters."""
     torch.manual_seed(0)
     patches, centres = torch.randn(2, 8, 8, 14), torch.rand(2, 8, 3) * 2 - 1
     changed = patches.clone()
     changed[..., 6] += 1.0  # opacity
-    for branch, differs in ((True, True), (False, False)):
-        enc = _encoder(attribute_branch=branch).eval()
-        assert (not torch.allclose(enc(patches, centres), enc(changed, centres))) == differs
+    for branch in (True, False):
+        enc = _encoder(attribute_branch=branch)
+        with torch.no_grad():
+            enc.eval()
+            torch.testing.assert_close(enc(patches, centres), enc(changed, centres))
+        enc.train()
+        opt = torch.optim.SGD(enc.parameters(), lr=0.1)
+        enc(patches, centres).square().sum().backward()
+        opt.step()
+        with torch.no_grad():
+            enc.eval()
+            assert (not torch.allclose(enc(patches, centres), enc(changed, centres))) == branch
 
 
 def test_named_sizes_follow_uni3d():

@@ -62,6 +62,12 @@ class AttributeConv(nn.Module):
             c_in = c_out
         self.convs = nn.Sequential(*layers)
         self.out = nn.Linear(c_in, width)
+        # zero-initialised, so the branch starts as a no-op on top of branch 1: the tokens of
+        # a loaded point-cloud model are what that model made, and branch 2 only grows where
+        # the loss asks for it (with random init it added noise to every token and, on
+        # ModelNet10's voxel gaussians, fitted the training shapes instead)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, k, 14] -> [N, width]
         return self.out(self.convs(x.transpose(1, 2)).max(dim=2).values)
