@@ -321,8 +321,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--groups", type=int, default=32)
     p.add_argument("--group-size", type=int, default=16)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                   help="training matmuls: bf16 autocast (1.85x faster steps on this machine's "
-                   "AVX512-BF16 CPU; the loss and evaluation stay fp32) or fp32")
+                   help="training matmuls: bf16 autocast (about 240 objects/s vs 148 in fp32 on "
+                   "this machine's AVX512-BF16 CPU; the loss and evaluation stay fp32) or fp32")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; on this shared 2-core machine 2 threads spin-wait and "
                    "ran 3x slower than 1")

@@ -68,6 +68,11 @@ def train_a_little(package_dir: Path, data: str, steps: int = 40) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
+    # BatchNorm's running statistics trail weights that moved this fast in 40 steps (branch 2
+    # starts at zero and moves last): settle them on the final weights ("precise BN")
+    with torch.no_grad():
+        for _ in range(20):
+            encoder(patches, centres)
     torch.set_num_threads(threads)
     save_package(package_dir, {f"encoder.{k}": v for k, v in encoder.state_dict().items()},
                  {**package.meta, "untrained": False})
