@@ -359,7 +359,11 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"model: {n_params / 1e6:.2f}M parameters; {model_cfg.model_dump_json()}")
     log(f"loss: {loss_cfg.model_dump_json()}")
     if args.eval_only:
-        model.encoder.load_state_dict(load_file(args.eval_only))
+        try:
+            model.encoder.load_state_dict(load_file(args.eval_only))
+        except RuntimeError as e:  # shapes or keys of another model configuration
+            raise SystemExit(f"{args.eval_only}: does not fit the model these flags build "
+                             f"(pass the run's own --groups/--position-colour-only/...): {e}")
         res = evaluate(model.encoder, cache, teacher, args)
         print(json.dumps({k: v for k, v in res.items() if k not in ("confusion",)}, indent=1))
         return res
