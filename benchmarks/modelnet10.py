@@ -170,9 +170,10 @@ class Model(nn.Module):
         return out
 
 
-def train(model: Model, cache: dict, args) -> list[dict]:
+def train(model: Model, cache: dict, args) -> tuple[list[dict], dict | None]:
     """AdamW with warm-up and cosine decay over the run's progress: steps done / --steps, or
-    with --minutes, wall-clock time / budget (the run stops when the budget is spent)."""
+    with --minutes, wall-clock time / budget (the run stops when the budget is spent).
+    Returns the history and, with --ema, the encoder's exponential moving average."""
     train_idx = np.nonzero((cache["split"] == 0) & cache["valid"])[0]
     points = torch.from_numpy(cache["points"])
     txt = torch.from_numpy(cache["txt_emb"])[torch.from_numpy(cache["label"])]
@@ -192,6 +193,9 @@ def train(model: Model, cache: dict, args) -> list[dict]:
     gen = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     order, pos, history = rng.permutation(train_idx), 0, []
+    # the encoder's weights (and BatchNorm statistics) averaged over the last ~1/(1-decay) steps
+    ema = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()} \
+        if args.ema else None
     model.train()
     t0 = window = time.time()
     cpu0 = time.process_time()
@@ -217,6 +221,14 @@ def train(model: Model, cache: dict, args) -> list[dict]:
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
+        if ema is not None:
+            decay = min(args.ema, (1 + step) / (10 + step))  # short memory while it warms up
+            with torch.no_grad():
+                for k, v in model.encoder.state_dict().items():
+                    if v.is_floating_point():
+                        ema[k].lerp_(v, 1 - decay)
+                    else:
+                        ema[k].copy_(v)
         if step % args.log_every == 0:
             rate = args.log_every * args.batch / (time.time() - window)
             window = time.time()
@@ -232,7 +244,7 @@ def train(model: Model, cache: dict, args) -> list[dict]:
     history.append({"step": step, "elapsed_s": round(time.time() - t0),
                     "cpu_s": round(time.process_time() - cpu0),
                     "epochs": round(step * args.batch / len(train_idx), 2)})
-    return history
+    return history, ema
 
 
 # ---------------------------------------------------------------- evaluation
@@ -333,6 +345,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-only", metavar="SAFETENSORS", default=None,
                    help="evaluate the encoder weights a previous run saved, no training (pass "
                    "that run's model flags too)")
+    p.add_argument("--ema", type=float, default=0.0,
+                   help="also evaluate an exponential moving average of the encoder's weights "
+                   "with this decay (e.g. 0.999; 0 = off); reported under 'ema'")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--workdir", default="work/bench-modelnet10")
@@ -368,9 +383,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps({k: v for k, v in res.items() if k not in ("confusion",)}, indent=1))
         return res
     t1 = time.time()
-    history = train(model, cache, args)
+    history, ema = train(model, cache, args)
     t_train = time.time() - t1
     res = evaluate(model.encoder, cache, teacher, args)
+    if ema is not None:
+        averaged = GSEncoder(model_cfg, cache["txt_emb"].shape[1])
+        averaged.load_state_dict(ema)
+        res["ema"] = {k: v for k, v in evaluate(averaged, cache, teacher, args).items()
+                      if k != "confusion"}
     res.update(cache_s=round(t_cache), train_s=round(t_train),
                total_s=round(time.time() - t0), params=n_params, argv=vars(args),
                train=history[-1], last_log=history[-2] if len(history) > 1 else None)
@@ -381,20 +401,27 @@ def main(argv: list[str] | None = None) -> dict:
                                          (f"pd{args.patch_dropout:g}", args.patch_dropout != 0.5),
                                          ("fp32", args.precision == "fp32"),
                                          (f"imgw{args.image_weight:g}", args.image_weight != 1),
-                                         (f"lr{args.lr:g}", args.lr != 1e-3)) if on)
+                                         (f"lr{args.lr:g}", args.lr != 1e-3),
+                                         (f"g{args.groups}-p{args.points}",
+                                          (args.groups, args.points) != (32, 512)),
+                                         (f"ema{args.ema:g}", args.ema > 0)) if on)
     length = f"s{args.steps}" if args.steps else f"m{args.minutes:g}"
     name = f"result-{ablation or 'full'}-{length}-seed{args.seed}"
     digest = hashlib.sha1(json.dumps(vars(args), sort_keys=True).encode()).hexdigest()[:6]
     out = Path(args.workdir) / f"{name}-{digest}.json"
     out.write_text(json.dumps({"result": res, "history": history}, indent=1))
     save_file(model.encoder.state_dict(), out.with_suffix(".safetensors"))
+    if ema is not None:
+        save_file(ema, out.with_name(out.stem + "-ema.safetensors"))
     print(json.dumps({k: v for k, v in res.items() if k not in ("confusion", "argv")},
                      indent=1))
     log(f"zero-shot top-1 {res['zeroshot_top1']:.3f} (top-3 {res['zeroshot_top3']:.3f}, "
         f"top-5 {res['zeroshot_top5']:.3f}) on {res['test_objects_with_gaussians']} test "
         f"shapes with gaussians; {res['zeroshot_top1_of_all']:.3f} of all {res['test_objects']}"
         f"; 10-way 10-shot {res.get('fewshot_acc_mean', float('nan')):.3f} +- "
-        f"{res.get('fewshot_acc_std', float('nan')):.3f}; total {res['total_s'] / 60:.1f} min "
+        f"{res.get('fewshot_acc_std', float('nan')):.3f}"
+        + (f"; EMA weights: zero-shot top-1 {res['ema']['zeroshot_top1']:.3f}" if ema else "")
+        + f"; total {res['total_s'] / 60:.1f} min "
         f"(cache {t_cache / 60:.1f}, train {t_train / 60:.1f}); written {out}")
     return res
 

@@ -103,6 +103,63 @@ def test_encoder_embedding_does_not_depend_on_patch_order():
     torch.testing.assert_close(enc(patches, centres), enc(patches[:, perm], centres[:, perm]))
 
 
+def test_cpu_attention_is_pytorchs_sdpa_written_out():
+    from clipgs.models.encoder import attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 17, 16, requires_grad=True) for _ in range(3))
+    ours = attention(q, k, v)
+    torch.testing.assert_close(ours, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    grads = torch.autograd.grad(ours.sum(), (q, k, v))
+    expected = torch.autograd.grad(
+        torch.nn.functional.scaled_dot_product_attention(q, k, v).sum(), (q, k, v))
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("orders", [("hilbert", "z", "xyz"), ()])
+def test_patch_dropout_tokenizes_only_the_kept_patches(orders):
+    """Dropout is decided before the tokenizer: it sees half the patches, and the embedding is
+    what tokenizing every patch and dropping tokens afterwards gives (BatchNorm frozen, so both
+    use the same statistics; same random draws)."""
+    from clipgs.models.serialization import serialize
+
+    def reference(enc, patches, centres):  # tokenize all, serialize, then drop
+        tokens = enc.tokens(patches, centres)
+        b, g, w = tokens.shape
+        if orders:
+            o = enc.order_index()
+            perm = serialize(centres, orders[o])
+            tokens = tokens.gather(1, perm[..., None].expand(-1, -1, w))
+            tokens = tokens + enc.seq_embed + enc.order_embed[o]
+        idx = torch.rand(b, g).argsort(dim=1)[:, :g // 2].sort(1).values
+        x = torch.cat([(enc.cls_token + enc.cls_pos).expand(b, -1, -1),
+                       tokens.gather(1, idx[..., None].expand(-1, -1, w))], dim=1)
+        for block in enc.blocks:
+            x = block(x)
+        return enc.head(enc.norm(x[:, 0]))
+
+    torch.manual_seed(0)
+    enc = _encoder(patch_dropout=0.5, serialization=orders).train()
+    for m in enc.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.eval()
+    torch.nn.init.normal_(enc.attributes.out.weight, std=0.1)  # make branch 2 count too
+    patches, centres = torch.randn(3, 8, 8, 14), torch.rand(3, 8, 3) * 2 - 1
+    seen = []
+    hook = enc.pos_colour.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    torch.manual_seed(1)
+    out = enc(patches, centres)
+    hook.remove()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        expected = reference(enc, patches, centres)
+    torch.testing.assert_close(out, expected)
+    assert seen == [3 * 4]  # 4 of 8 patches per object reach the tokenizer
+    out.sum().backward()
+    assert enc.pos_colour.fc1.weight.grad is not None
+
+
 def test_serialization_draws_an_order_per_training_batch():
     torch.manual_seed(0)
     enc = _encoder()

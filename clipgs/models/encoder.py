@@ -73,6 +73,17 @@ class AttributeConv(nn.Module):
         return self.out(self.convs(x.transpose(1, 2)).max(dim=2).values)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v over [B, heads, T, d]. On the GPU, PyTorch's fused SDPA. On
+    the CPU, written out: for these short sequences (at most a few hundred tokens) PyTorch's
+    CPU SDPA kernels are as fast in fp32 and several times slower under bf16 autocast,
+    backward included (benchmarks/encoder_step.py)."""
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return scores.float().softmax(dim=-1).to(v.dtype) @ v
+
+
 class Attention(nn.Module):
     """EVA's attention: a bias-free qkv matmul plus learnable q and v biases (k has none)."""
 
@@ -88,8 +99,7 @@ class Attention(nn.Module):
         b, t, c = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
         q, k, v = F.linear(x, self.qkv.weight, bias).view(b, t, 3, self.heads, -1).unbind(2)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                           v.transpose(1, 2))
+        y = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.proj(y.transpose(1, 2).reshape(b, t, c))
 
 
@@ -171,22 +181,37 @@ class GSEncoder(nn.Module):
         return int(torch.randint(n, ())) if self.training and n > 1 else 0
 
     def forward(self, patches: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-        """patches [B, G, k, 14], centres [B, G, 3] -> embeddings [B, D] (not normalised)."""
-        tokens = self.tokens(patches, centres)
-        b, g, w = tokens.shape
+        """patches [B, G, k, 14], centres [B, G, 3] -> embeddings [B, D] (not normalised).
+
+        Serialization and patch dropout only pick and order patches, so both are decided
+        first, from the centres, and the tokenizer runs on the kept patches alone: with
+        Uni3D's dropout of 0.5 the GS refinement block (most of a step's cost) does half the
+        work. Outputs are the same as tokenizing every patch and dropping tokens afterwards,
+        except that BatchNorm's training statistics come from the kept patches."""
+        b, g = centres.shape[:2]
+        index = None  # the patches to tokenize, in token order [B, G'] (None: all, as given)
         if self.seq_embed is not None:
             if g != self.seq_embed.shape[1]:
                 raise ValueError(f"{g} patches per object, but the model was built for "
                                  f"model.groups={self.seq_embed.shape[1]}")
             o = self.order_index()
-            perm = serialize(centres, self.config.serialization[o])
-            tokens = tokens.gather(1, perm[..., None].expand(-1, -1, w))
-            tokens = tokens + self.seq_embed + self.order_embed[o]
+            index = serialize(centres, self.config.serialization[o])  # [B, G] patch ids
+        position = None  # each kept token's place along the curve
         if self.training and self.config.patch_dropout > 0:
             keep = max(1, int(g * (1 - self.config.patch_dropout)))
             # sorted, so the survivors keep their serialized order
-            idx = torch.rand(b, g, device=tokens.device).argsort(dim=1)[:, :keep].sort(1).values
-            tokens = tokens.gather(1, idx[..., None].expand(-1, -1, w))
+            position = torch.rand(b, g, device=centres.device).argsort(dim=1)[:, :keep] \
+                .sort(1).values
+            index = position if index is None else index.gather(1, position)
+        if index is not None:
+            patches = patches.gather(1, index[..., None, None].expand(-1, -1, *patches.shape[2:]))
+            centres = centres.gather(1, index[..., None].expand(-1, -1, 3))
+        tokens = self.tokens(patches, centres)
+        w = tokens.shape[-1]
+        if self.seq_embed is not None:
+            seq = self.seq_embed.expand(b, -1, -1) if position is None else \
+                self.seq_embed.expand(b, -1, -1).gather(1, position[..., None].expand(-1, -1, w))
+            tokens = tokens + seq + self.order_embed[o]
         x = torch.cat([(self.cls_token + self.cls_pos).expand(b, -1, -1), tokens], dim=1)
         for block in self.blocks:
             x = block(x)
