@@ -11,8 +11,11 @@ One command (the first run builds the cache under work/bench-modelnet10/, later 
     nice .venv/bin/python -m benchmarks.modelnet10 --steps 300 --no-serialization
     nice .venv/bin/python -m benchmarks.modelnet10 --eval-only RUN.safetensors [--votes 5]
 
-Defaults: Uni3D's patch dropout 0.5, bf16 autocast for the encoder (fp32 loss and evaluation).
-Each run writes its result JSON and the encoder's weights (.safetensors) under the workdir.
+Defaults: Uni3D's patch dropout 0.5, bf16 autocast for the encoder (fp32 loss and evaluation),
+no scale augmentation (--scale-augment 1.25 was the previous default). --ema 0.999 also
+evaluates a moving average of the weights, --votes 5 also reports test-time voting; the
+headline is always the final weights on one subset. Each run writes its result JSON and the
+encoder's weights (.safetensors; -ema.safetensors with --ema) under the workdir.
 
 What is real: the project's tokenizer (group_torch for training batches, group_numpy - the
 package's path - for evaluation), GSEncoder, ClipGSLoss and the evaluation metrics of
