@@ -216,7 +216,8 @@ def train(model: Model, cache: dict, args) -> tuple[list[dict], dict | None]:
         idx = torch.from_numpy(order[pos:pos + args.batch])
         pos += args.batch
         keep = torch.rand(len(idx), points.shape[1], generator=gen).argsort(1)[:, :args.points]
-        batch = augment(points[idx[:, None], keep], gen, args.scale_augment)  # a new random subset every step
+        # a new random subset every step
+        batch = augment(points[idx[:, None], keep], gen, args.scale_augment)
         start = torch.randint(0, batch.shape[1], (len(idx),), generator=gen)
         patches, centres = group_torch(batch, args.groups, args.group_size, start=start)
         for group in opt.param_groups:
