@@ -202,6 +202,8 @@ def train(model: Model, cache: dict, args) -> tuple[list[dict], dict | None]:
     # the encoder's weights (and BatchNorm statistics) averaged over the last ~1/(1-decay) steps
     ema = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()} \
         if args.ema else None
+    # (average, live) pairs, once: the optimiser and BatchNorm update the live tensors in place
+    tracked = [(ema[k], v) for k, v in model.encoder.state_dict().items()] if ema else []
     model.train()
     t0 = window = time.time()
     cpu0 = time.process_time()
@@ -228,14 +230,13 @@ def train(model: Model, cache: dict, args) -> tuple[list[dict], dict | None]:
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        if ema is not None:
-            decay = min(args.ema, (1 + step) / (10 + step))  # short memory while it warms up
-            with torch.no_grad():
-                for k, v in model.encoder.state_dict().items():
-                    if v.is_floating_point():
-                        ema[k].lerp_(v, 1 - decay)
-                    else:
-                        ema[k].copy_(v)
+        decay = min(args.ema, (1 + step) / (10 + step))  # short memory while it warms up
+        with torch.no_grad():
+            for average, live in tracked:
+                if live.is_floating_point():
+                    average.lerp_(live, 1 - decay)
+                else:
+                    average.copy_(live)
         if step % args.log_every == 0:
             rate = args.log_every * args.batch / (time.time() - window)
             window = time.time()
@@ -281,7 +282,11 @@ def evaluate(encoder: GSEncoder, cache: dict, teacher: Teacher, args) -> dict:
     valid = test[cache["valid"][test]]
     labels = cache["label"][valid]
     rng = np.random.default_rng(args.seed)  # one fixed subset per object, as resampling does
-    subset = np.stack([resample(p, args.points, rng) for p in cache["points"][valid]])
+
+    def draw() -> np.ndarray:  # a random subset of --points gaussians per test object
+        return np.stack([resample(p, args.points, rng) for p in cache["points"][valid]])
+
+    subset = draw()
     g = embed(encoder, subset, args)
     classes = list(MODELNET10_CLASSES)
     text = class_embeddings(teacher, classes, EvalConfig().prompts)
@@ -299,8 +304,7 @@ def evaluate(encoder: GSEncoder, cache: dict, teacher: Teacher, args) -> dict:
     if args.votes > 1:  # test-time voting (PointNet++'s protocol): other random subsets too
         voted = g.copy()
         for _ in range(args.votes - 1):
-            voted += embed(encoder, np.stack([resample(p, args.points, rng)
-                                              for p in cache["points"][valid]]), args)
+            voted += embed(encoder, draw(), args)
         res[f"zeroshot_top1_votes{args.votes}"] = topk_accuracy(voted @ text.T, labels, 1)
     confusion = np.zeros((10, 10), int)
     np.add.at(confusion, (labels, logits.argmax(1)), 1)
@@ -344,8 +348,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--groups", type=int, default=32)
     p.add_argument("--group-size", type=int, default=16)
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                   help="training matmuls: bf16 autocast (about 240 objects/s vs 148 in fp32 on "
-                   "this machine's AVX512-BF16 CPU; the loss and evaluation stay fp32) or fp32")
+                   help="training matmuls: bf16 autocast (an encoder step about 2x faster than "
+                   "fp32 on this machine's AVX512-BF16 CPU: benchmarks.encoder_step; the loss "
+                   "and evaluation stay fp32) or fp32")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads; on this shared 2-core machine 2 threads spin-wait and "
                    "ran 3x slower than 1")
