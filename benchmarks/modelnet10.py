@@ -313,6 +313,15 @@ def evaluate(encoder: GSEncoder, cache: dict, teacher: Teacher, args) -> dict:
     res.update(probe or {})
     emb = {"g": g, "txt": cache["txt_emb"][labels], "img": cache["img_emb"][valid, 0]}
     res.update({k: v for k, v in retrieval_metrics(emb, [1]).items()})
+    # where the embedding points: its cosine with its own caption and with its own view, and
+    # how alike the teacher's image embeddings are to each other (the offline teacher's random
+    # image tower maps every view to nearly one direction, so the image loss can only be met
+    # along the small residuals, which leaves the caption a small share of the embedding)
+    unit = {k: v / np.linalg.norm(v, axis=-1, keepdims=True) for k, v in emb.items()}
+    res["cos_to_caption"] = float(np.einsum("nd,nd->n", unit["g"], unit["txt"]).mean())
+    res["cos_to_view"] = float(np.einsum("nd,nd->n", unit["g"], unit["img"]).mean())
+    pairs = unit["img"] @ unit["img"].T
+    res["teacher_view_pairwise_cos"] = float(pairs[np.triu_indices(len(pairs), 1)].mean())
     return res
 
 
@@ -422,7 +431,8 @@ def main(argv: list[str] | None = None) -> dict:
                                           args.scale_augment != 1),
                                          (f"g{args.groups}-p{args.points}",
                                           (args.groups, args.points) != (32, 512)),
-                                         (f"ema{args.ema:g}", args.ema > 0)) if on)
+                                         (f"ema{args.ema:g}", args.ema > 0),
+                                         (f"t{args.threads}", args.threads != 1)) if on)
     length = f"s{args.steps}" if args.steps else f"m{args.minutes:g}"
     name = f"result-{ablation or 'full'}-{length}-seed{args.seed}"
     digest = hashlib.sha1(json.dumps(vars(args), sort_keys=True).encode()).hexdigest()[:6]
