@@ -45,7 +45,7 @@ from clipgs.data.gaussians import SLICES, resample
 from clipgs.data.sources import MODELNET10_CLASSES, PROMPT, class_text, voxels_to_gaussians
 from clipgs.data.views import render, ring_cameras
 from clipgs.eval.evaluate import class_embeddings
-from clipgs.eval.fewshot import linear_probe_episodes
+from clipgs.eval.fewshot import fit_linear_probe, linear_probe_episodes
 from clipgs.eval.metrics import retrieval_metrics, topk_accuracy
 from clipgs.models.encoder import GSEncoder
 from clipgs.models.teacher import Teacher
@@ -322,7 +322,25 @@ def evaluate(encoder: GSEncoder, cache: dict, teacher: Teacher, args) -> dict:
     res["cos_to_view"] = float(np.einsum("nd,nd->n", unit["g"], unit["img"]).mean())
     pairs = unit["img"] @ unit["img"].T
     res["teacher_view_pairwise_cos"] = float(pairs[np.triu_indices(len(pairs), 1)].mean())
+    res.update(teacher_view_checks(cache, valid, text))
     return res
+
+
+def teacher_view_checks(cache: dict, test: np.ndarray, text: np.ndarray) -> dict:
+    """What the teacher's image embeddings carry: a linear probe fitted on the training views
+    (mean of each object's K views, standardised) and scored on the test views, against the
+    image-text agreement (views classified by the class prompts, as zero-shot does). A probe
+    far above chance with agreement at chance means the views see the shape but live in a
+    space unrelated to the text tower's."""
+    train = np.nonzero((cache["split"] == 0) & cache["valid"])[0]
+    views = cache["img_emb"].mean(1)
+    mu, sd = views[train].mean(0), views[train].std(0) + 1e-8
+    probe = fit_linear_probe((views[train] - mu) / sd, cache["label"][train], 10)
+    with torch.no_grad():
+        pred = probe(torch.from_numpy((views[test] - mu) / sd).float()).argmax(1).numpy()
+    unit = views[test] / np.linalg.norm(views[test], axis=1, keepdims=True)
+    return {"teacher_view_probe_top1": float((pred == cache["label"][test]).mean()),
+            "teacher_view_zeroshot_top1": topk_accuracy(unit @ text.T, cache["label"][test], 1)}
 
 
 # ---------------------------------------------------------------- main
