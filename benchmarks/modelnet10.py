@@ -11,10 +11,11 @@ One command (the first run builds the cache under work/bench-modelnet10/, later 
     nice .venv/bin/python -m benchmarks.modelnet10 --steps 300 --no-serialization
     nice .venv/bin/python -m benchmarks.modelnet10 --eval-only RUN.safetensors [--votes 5]
 
-Defaults: Uni3D's patch dropout 0.5, bf16 autocast for the encoder (fp32 loss and evaluation),
-no scale augmentation (--scale-augment 1.25 was the previous default). --ema 0.999 also
-evaluates a moving average of the weights, --votes 5 also reports test-time voting; the
-headline is always the final weights on one subset. Each run writes its result JSON and the
+Defaults: Uni3D's patch dropout 0.5, the encoder in bf16 autocast or fp32, whichever a few timed
+steps show faster on this CPU (--precision auto; fp32 loss and evaluation), no scale
+augmentation (--scale-augment 1.25 was the previous default). --ema 0.999 also evaluates a
+moving average of the weights, --votes 5 also reports test-time voting; the headline is always
+the final weights on one subset. Each run writes its result JSON and the
 encoder's weights (.safetensors; -ema.safetensors with --ema) under the workdir.
 
 What is real: the project's tokenizer (group_torch for training batches, group_numpy - the
@@ -29,6 +30,7 @@ become gaussians, are reported and skipped, and count as wrong in the "of 908" f
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -255,6 +257,27 @@ def train(model: Model, cache: dict, args) -> tuple[list[dict], dict | None]:
     return history, ema
 
 
+def time_precisions(model: Model, cache: dict, args, rounds: int = 3) -> dict[str, float]:
+    """Milliseconds per training step (forward + backward, one batch) in bf16 and in fp32,
+    interleaved rounds, the best of each kept. On a copy of the model and under a forked RNG,
+    so the run itself is the same as one started with the chosen --precision."""
+    probe = copy.deepcopy(model).train()
+    idx = torch.from_numpy(np.nonzero((cache["split"] == 0) & cache["valid"])[0][:args.batch])
+    batch = torch.from_numpy(cache["points"])[idx][:, :args.points]
+    txt = torch.from_numpy(cache["txt_emb"])[torch.from_numpy(cache["label"])[idx]]
+    img = torch.from_numpy(cache["img_emb"])[idx]
+    best = {"bf16": math.inf, "fp32": math.inf}
+    with torch.random.fork_rng():
+        patches, centres = group_torch(batch, args.groups, args.group_size)
+        for r in range(rounds + 1):  # the first round warms up both
+            for precision in best:
+                t = time.perf_counter()
+                probe(patches, centres, txt, img, bf16=precision == "bf16")["loss"].backward()
+                if r:
+                    best[precision] = min(best[precision], 1e3 * (time.perf_counter() - t))
+    return best
+
+
 # ---------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -374,10 +397,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--views", type=int, default=3)
     p.add_argument("--groups", type=int, default=32)
     p.add_argument("--group-size", type=int, default=16)
-    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                   help="training matmuls: bf16 autocast (an encoder step about 2x faster than "
-                   "fp32 on this machine's AVX512-BF16 CPU: benchmarks.encoder_step; the loss "
-                   "and evaluation stay fp32) or fp32")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="training matmuls: bf16 autocast (the loss and evaluation stay fp32) "
+                   "or fp32; auto (the default) times a few training steps in each on this "
+                   "CPU and trains in the faster - bf16 was 1.6x fp32 on the machines of "
+                   "earlier runs, 0.87x on a CPU without AMX")
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads: the budget's 2 cores (1.39x the objects/s of 1 thread "
                    "on an idle 2-core machine, 495-583 vs 356); pass 1 when two runs share the "
@@ -427,6 +451,13 @@ def main(argv: list[str] | None = None) -> dict:
         res = evaluate(model.encoder, cache, teacher, args)
         print(json.dumps({k: v for k, v in res.items() if k not in ("confusion",)}, indent=1))
         return res
+    if args.precision == "auto":
+        timings = time_precisions(model, cache, args)
+        args.precision = min(timings, key=timings.get)
+        log(f"precision auto: a training step takes {timings['bf16']:.0f} ms in bf16, "
+            f"{timings['fp32']:.0f} ms in fp32 on this CPU -> {args.precision}")
+    else:
+        timings = None
     t1 = time.time()
     history, ema = train(model, cache, args)
     t_train = time.time() - t1
@@ -436,6 +467,7 @@ def main(argv: list[str] | None = None) -> dict:
         averaged.load_state_dict(ema)
         res["ema"] = {k: v for k, v in evaluate(averaged, cache, teacher, args).items()
                       if k != "confusion"}
+    res.update(precision=args.precision, precision_probe_ms=timings)
     res.update(cache_s=round(t_cache), train_s=round(t_train),
                total_s=round(time.time() - t0), params=n_params, argv=vars(args),
                train=history[-1], last_log=history[-2] if len(history) > 1 else None)
