@@ -400,8 +400,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="training matmuls: bf16 autocast (the loss and evaluation stay fp32) "
                    "or fp32; auto (the default) times a few training steps in each on this "
-                   "CPU and trains in the faster - bf16 was 1.6x fp32 on the machines of "
-                   "earlier runs, 0.87x on a CPU without AMX")
+                   "CPU and trains in the faster - in the training loop bf16 was 1.6x fp32 on "
+                   "the machines of earlier runs, 0.87x on a CPU without AMX")
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads: the budget's 2 cores (1.39x the objects/s of 1 thread "
                    "on an idle 2-core machine, 495-583 vs 356); pass 1 when two runs share the "
