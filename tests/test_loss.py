@@ -3,6 +3,7 @@
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -112,7 +113,9 @@ def _rank(rank: int, world: int, port: int, g_all, t_all, img_all, queue):
                                                      img_all[rank * n:(rank + 1) * n],
                                                      torch.tensor(10.0))
     out["loss"].backward()
-    queue.put((rank, out["loss"].item(), g.grad))
+    # a numpy copy travels by value: a tensor would go as a shared-memory handle that the
+    # parent must fetch from this process, which may have exited by then (ECONNRESET)
+    queue.put((rank, out["loss"].item(), g.grad.numpy().copy()))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -143,5 +146,5 @@ def test_gathered_loss_equals_the_global_batch_loss():
         assert p.exitcode == 0
     # the mean of the ranks' losses is the global loss; grads come back summed over ranks
     assert (results[0][0] + results[1][0]) / 2 == pytest.approx(ref["loss"].item(), rel=1e-5)
-    grad = torch.cat([results[0][1], results[1][1]])
+    grad = torch.from_numpy(np.concatenate([results[0][1], results[1][1]]))
     torch.testing.assert_close(grad, 2 * ref_g.grad, atol=1e-5, rtol=1e-4)
