@@ -174,10 +174,14 @@ def train(model: Model, cache: dict, args) -> tuple[list[dict], dict | None]:
     return history, ema
 
 
-def time_precisions(model: Model, cache: dict, args, rounds: int = 3) -> dict[str, float]:
+def time_precisions(model: Model, cache: dict, args, rounds: int = 3,
+                    clear: float = 2.0) -> dict[str, float]:
     """Milliseconds per training step (forward + backward, one batch) in bf16 and in fp32,
     interleaved rounds, the best of each kept. On a copy of the model and under a forked RNG,
-    so the run itself is the same as one started with the chosen --precision."""
+    so the run itself is the same as one started with the chosen --precision. Stops after the
+    first timed round when one precision is over ``clear`` times slower: on a CPU without
+    AVX512-BF16 a bf16 step takes 24x an fp32 one (5.7 s), and more rounds would only spend
+    the run's time confirming it."""
     probe = copy.deepcopy(model).train()
     idx = torch.from_numpy(np.nonzero((cache["split"] == 0) & cache["valid"])[0][:args.batch])
     batch = torch.from_numpy(cache["points"])[idx][:, :args.points]
@@ -192,6 +196,8 @@ def time_precisions(model: Model, cache: dict, args, rounds: int = 3) -> dict[st
                 probe(patches, centres, txt, img, bf16=precision == "bf16")["loss"].backward()
                 if r:
                     best[precision] = min(best[precision], 1e3 * (time.perf_counter() - t))
+            if r and max(best.values()) > clear * min(best.values()):
+                break
     return best
 
 
@@ -304,8 +310,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="training matmuls: bf16 autocast (the loss and evaluation stay fp32) "
                    "or fp32; auto (the default) times a few training steps in each on this "
-                   "CPU and trains in the faster - in the training loop bf16 was 1.6x fp32 on "
-                   "the machines of earlier runs, 0.87x on a CPU without AMX")
+                   "CPU and trains in the faster - a bf16 step measured 0.5x-0.6x an fp32 "
+                   "one on the CPUs of most runs (stop 16's AMD EPYC has AVX512-BF16, no "
+                   "AMX), 1.26x on stop 13's CPU, 24x on an AVX2-only one")
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads: the budget's 2 cores (1.39x the objects/s of 1 thread "
                    "on an idle 2-core machine, 495-583 vs 356); pass 1 when two runs share the "
@@ -356,12 +363,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps({k: v for k, v in res.items() if k not in ("confusion",)}, indent=1))
         return res
     if args.precision == "auto":
+        t_probe = time.time()
         timings = time_precisions(model, cache, args)
+        t_probe = time.time() - t_probe
         args.precision = min(timings, key=timings.get)
         log(f"precision auto: a training step takes {timings['bf16']:.0f} ms in bf16, "
-            f"{timings['fp32']:.0f} ms in fp32 on this CPU -> {args.precision}")
+            f"{timings['fp32']:.0f} ms in fp32 on this CPU -> {args.precision} "
+            f"(the probe took {t_probe:.1f} s)")
     else:
-        timings = None
+        timings, t_probe = None, 0.0
     t1 = time.time()
     history, ema = train(model, cache, args)
     t_train = time.time() - t1
@@ -372,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
         averaged_res = evaluate(averaged, cache, teacher, args, teacher_checks=False)
         res["ema"] = {k: v for k, v in averaged_res.items() if k != "confusion"}
     res.update(precision=args.precision, precision_probe_ms=timings)
-    res.update(cache_s=round(t_cache), train_s=round(t_train),
+    res.update(cache_s=round(t_cache), probe_s=round(t_probe, 1), train_s=round(t_train),
                total_s=round(time.time() - t0), params=n_params, argv=vars(args),
                train=history[-1], last_log=history[-2] if len(history) > 1 else None)
     ablation = "-".join(a for a, on in (("random-view", args.image_loss == "random"),
