@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="training matmuls: bf16 autocast (the loss and evaluation stay fp32) "
                    "or fp32; auto (the default) times a few training steps in each on this "
-                   "CPU and trains in the faster - a bf16 step measured 0.5x-0.6x an fp32 "
+                   "CPU and trains in the faster - a bf16 step measured 0.45x-0.6x an fp32 "
                    "one on the CPUs of most runs (stop 16's AMD EPYC has AVX512-BF16, no "
                    "AMX), 1.26x on stop 13's CPU, 24x on an AVX2-only one")
     p.add_argument("--threads", type=int, default=2,
