@@ -13,7 +13,8 @@ One command (the first run builds the cache under work/bench-modelnet10/, later 
 
 Defaults: Uni3D's patch dropout 0.5, the encoder in bf16 autocast or fp32, whichever a few timed
 steps show faster on this CPU (--precision auto; fp32 loss and evaluation), no scale
-augmentation (--scale-augment 1.25 was the previous default). --ema 0.999 also evaluates a
+augmentation (--scale-augment 1.25 was the previous default), the logit scale clamped at 20
+(--logit-scale-max; 100, CLIP's, before stop 17: SCALE_MAX below). --ema 0.999 also evaluates a
 moving average of the weights, --votes 5 also reports test-time voting; the headline is always
 the final weights on one subset. Each run writes its result JSON and the
 encoder's weights (.safetensors; -ema.safetensors with --ema) under the workdir.
