@@ -73,6 +73,10 @@ class ModelConfig(_Strict):
         ("hilbert", "z", "xyz"), description="token orders: one drawn per training batch, the "
         "first at inference; empty = no serialization")
     patch_dropout: float = Field(0.0, ge=0, lt=1)
+    drop_path: float = Field(0.0, ge=0, lt=1, description="stochastic depth: the chance that "
+                             "a block's residual branches are skipped for a sample in training, "
+                             "rising linearly from 0 at the first block to this at the last "
+                             "(timm's and Uni3D's drop_path_rate; Uni3D trains with 0.2)")
     embed_dim: int | None = Field(None, description="output width; None = the teacher's")
     init_from: str | None = Field(None, description="Uni3D checkpoint (path or s3://) whose "
                                   "point encoder initialises ours; needs a matching model.size")

@@ -94,6 +94,46 @@ def test_encoder_shapes_and_gradients(kw):
     assert (enc.attributes is None) == (kw.get("attribute_branch") is False)
 
 
+def test_drop_path_drops_whole_samples_and_keeps_the_expectation():
+    from clipgs.models.encoder import drop_path
+
+    torch.manual_seed(0)
+    x = torch.randn(4000, 5, 6)
+    out = drop_path(x, 0.25, training=True)
+    dropped = (out == 0).flatten(1).all(1)
+    # each sample is either dropped whole or kept whole, scaled by 1 / (1 - rate)
+    torch.testing.assert_close(out[~dropped], x[~dropped] / 0.75)
+    assert abs(dropped.float().mean().item() - 0.25) < 0.03
+    torch.testing.assert_close(out.mean(0), x.mean(0), atol=0.1, rtol=0)
+    assert drop_path(x, 0.25, training=False) is x and drop_path(x, 0.0, training=True) is x
+
+
+def test_drop_path_rates_rise_over_depth_and_vanish_in_evaluation():
+    torch.manual_seed(0)
+    enc = _encoder(drop_path=0.3, serialization=())
+    deep = GSEncoder(ModelConfig(groups=8, group_size=8, width=48, depth=4, heads=3,
+                                 drop_path=0.3), embed_dim=20)
+    assert [b.drop_path for b in enc.blocks] == [0.0, pytest.approx(0.3)]
+    assert [round(b.drop_path, 6) for b in deep.blocks] == [0.0, 0.1, 0.2, 0.3]
+    plain = _encoder(serialization=())
+    plain.load_state_dict(enc.state_dict())  # no weights of its own: checkpoints fit either way
+    patches, centres = torch.randn(64, 8, 8, 14), torch.rand(64, 8, 3) * 2 - 1
+    enc.eval(), plain.eval()
+    torch.testing.assert_close(enc(patches, centres), plain(patches, centres))
+    enc.train(), plain.train()
+    runs = {}
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        runs[seed] = enc(patches, centres), plain(patches, centres)
+    torch.testing.assert_close(runs[1][1], runs[2][1])  # nothing random without drop path
+    # per sample: the same output where both draws kept and dropped the same branches (about
+    # a third of the samples at rate 0.3 on two branches), another elsewhere
+    same = torch.isclose(runs[1][0], runs[2][0]).all(1)
+    assert 5 < same.sum() < 45
+    runs[1][0].sum().backward()
+    assert enc.blocks[1].mlp.fc1.weight.grad is not None
+
+
 def test_encoder_embedding_does_not_depend_on_patch_order():
     """At inference the fixed serialization order makes the input order irrelevant."""
     torch.manual_seed(0)

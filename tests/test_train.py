@@ -55,19 +55,23 @@ def test_deepspeed_config_precision_offload_accumulation():
                                                          "zero_stage=0"]), 1, False)
 
 
-def test_activation_checkpointing_keeps_names_and_gradients():
+@pytest.mark.parametrize("drop_path", [0.0, 0.5])
+def test_activation_checkpointing_keeps_names_and_gradients(drop_path):
+    """Also with stochastic depth: the recomputation in the backward pass replays the forward's
+    random draws (torch.utils.checkpoint keeps the RNG state), so it drops the same branches."""
     from clipgs.config import ModelConfig
     from clipgs.models.encoder import GSEncoder
     from clipgs.train.engine import checkpoint_blocks
 
     torch.manual_seed(0)
-    plain = GSEncoder(ModelConfig(width=48, depth=2, heads=3, groups=8, group_size=8), 32)
-    wrapped = GSEncoder(ModelConfig(width=48, depth=2, heads=3, groups=8, group_size=8), 32)
+    cfg = ModelConfig(width=48, depth=2, heads=3, groups=8, group_size=8, drop_path=drop_path)
+    plain, wrapped = GSEncoder(cfg, 32), GSEncoder(cfg, 32)
     wrapped.load_state_dict(plain.state_dict())
     assert checkpoint_blocks(wrapped) == 2
     assert list(wrapped.state_dict()) == list(plain.state_dict())
-    patches, centres = torch.randn(2, 8, 8, 14), torch.randn(2, 8, 3)
+    patches, centres = torch.randn(8, 8, 8, 14), torch.randn(8, 8, 3)
     for m in (plain, wrapped):
+        torch.manual_seed(1)
         m(patches, centres).square().sum().backward()
     for (name, a), b in zip(plain.named_parameters(), wrapped.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5), name

@@ -123,18 +123,31 @@ class Mlp(nn.Module):
         return self.fc2(self.norm(h))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block, EVA's layout (norm1, attn, norm2, mlp)."""
+def drop_path(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth (timm's DropPath): in training, zero a residual branch's output for a
+    random ``rate`` share of the samples and scale the rest by 1 / (1 - rate), so its expected
+    value is unchanged; the identity in evaluation or at rate 0."""
+    if not training or rate == 0:
+        return x
+    keep = 1 - rate
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
 
-    def __init__(self, width: int, heads: int, hidden: int, mlp: str):
+
+class Block(nn.Module):
+    """Pre-norm transformer block, EVA's layout (norm1, attn, norm2, mlp), with stochastic
+    depth on both residual branches (``drop_path``, no weights: checkpoints are unaffected)."""
+
+    def __init__(self, width: int, heads: int, hidden: int, mlp: str, drop_path: float = 0.0):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(width, eps=1e-6), nn.LayerNorm(width, eps=1e-6)
         self.attn = Attention(width, heads)
         self.mlp = Mlp(width, hidden, mlp)
+        self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
 
 
 class GSEncoder(nn.Module):
@@ -157,8 +170,10 @@ class GSEncoder(nn.Module):
         self.seq_embed = nn.Parameter(torch.zeros(1, config.groups, w)) if orders else None
         self.order_embed = nn.Parameter(torch.zeros(len(orders), w)) if orders else None
         hidden = config.mlp_hidden or int(w * config.mlp_ratio)
-        self.blocks = nn.ModuleList(Block(w, config.heads, hidden, config.mlp)
-                                    for _ in range(config.depth))
+        # timm's schedule: 0 at the first block, rising linearly to drop_path at the last
+        rates = [config.drop_path * i / max(config.depth - 1, 1) for i in range(config.depth)]
+        self.blocks = nn.ModuleList(Block(w, config.heads, hidden, config.mlp, rate)
+                                    for rate in rates)
         self.norm = nn.LayerNorm(w, eps=1e-6)
         self.head = nn.Linear(w, embed_dim)
         if orders:
