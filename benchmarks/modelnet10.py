@@ -64,8 +64,9 @@ from clipgs.train.loss import ClipGSLoss
 # the text loss alone leaves the scale (14-18), it cannot (measured: README, stop 17).
 SCALE_MAX = 20.0
 # Stochastic depth over the transformer blocks, Uni3D's drop_path_rate (its encoder trains with
-# 0.2; the platform's model.drop_path defaults to 0). Side by side with 0 on the same machine it
-# scored higher in each pair measured (README, stop 18).
+# 0.2; the platform's model.drop_path defaults to 0). Side by side with 0 on one machine at
+# --threads 1 it scored higher in both pairs measured; at 2 threads no same-machine comparison
+# was made (README, stop 18).
 DROP_PATH = 0.2
 
 # ---------------------------------------------------------------- training
