@@ -22,7 +22,8 @@ from clipgs.models.teacher import Teacher
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "shapes" / \
     "modelnet10.npz"
-CACHE_VERSION = 1
+# 2: voxel gaussians shaped and oriented by the surface around them (stop 19); 1: round ones
+CACHE_VERSION = 2
 
 
 def log(msg: str) -> None:

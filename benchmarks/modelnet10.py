@@ -33,21 +33,19 @@ become gaussians, are reported and skipped, and count as wrong in the "of 908" f
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from benchmarks._modelnet10_cache import load_cache, log, teacher_view_checks
+from benchmarks._modelnet10_train import Model, time_precisions, train
 from clipgs.config import EvalConfig, LossConfig, ModelConfig
-from clipgs.data.gaussians import SLICES, resample
+from clipgs.data.gaussians import resample
 from clipgs.data.sources import MODELNET10_CLASSES
 from clipgs.eval.evaluate import class_embeddings
 from clipgs.eval.fewshot import linear_probe_episodes
@@ -55,7 +53,6 @@ from clipgs.eval.metrics import retrieval_metrics, topk_accuracy
 from clipgs.models.encoder import GSEncoder
 from clipgs.models.teacher import Teacher, TeacherConfig
 from clipgs.models.tokenizer import fps_numpy, group_numpy, group_torch
-from clipgs.train.loss import ClipGSLoss
 
 # The logit scale's clamp here. With this offline teacher the image targets of all views are
 # nearly one direction (cosine 0.99), so the image loss can only be lowered along their small
@@ -68,152 +65,8 @@ SCALE_MAX = 20.0
 # --threads 1 it scored higher in both pairs measured; at 2 threads no same-machine comparison
 # was made (README, stop 18).
 DROP_PATH = 0.2
-
-# ---------------------------------------------------------------- training
-
-def augment(points: torch.Tensor, gen: torch.Generator, factor: float) -> torch.Tensor:
-    """Random anisotropic scaling (1/factor to factor per axis), renormalised to the unit ball
-    as activation does; gaussian scales follow their positions. factor 1 = none."""
-    if factor == 1:
-        return points
-    b = points.shape[0]
-    s = torch.exp(torch.empty(b, 1, 3).uniform_(-math.log(factor), math.log(factor),
-                                                   generator=gen))
-    p = points.clone()
-    p[..., SLICES["xyz"]] *= s
-    # clamped: a few grids have a single voxel (every gaussian at the centroid)
-    radius = p[..., SLICES["xyz"]].norm(dim=-1).amax(dim=1, keepdim=True)[..., None]
-    radius = radius.clamp_min(1e-6)
-    p[..., SLICES["xyz"]] /= radius
-    p[..., SLICES["scale"]] *= s / radius
-    return p
-
-
-class Model(nn.Module):
-    """Encoder + learnable logit scale (clamped, as the trainer's) + loss."""
-
-    def __init__(self, model: ModelConfig, loss: LossConfig, embed_dim: int):
-        super().__init__()
-        self.encoder = GSEncoder(model, embed_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(loss.logit_scale_init)))
-        self.max_log_scale = math.log(loss.logit_scale_max)
-        self.loss = ClipGSLoss(loss)
-
-    def forward(self, patches, centres, txt, img, bf16: bool = False):
-        scale = self.logit_scale.clamp(max=self.max_log_scale).exp()
-        # bf16 autocast covers the encoder's matmuls and convolutions; the loss is fp32
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            g = self.encoder(patches, centres)
-        out = self.loss(g.float(), txt, img, scale)
-        out["scale"] = scale.detach()
-        return out
-
-
-def train(model: Model, cache: dict, args) -> tuple[list[dict], dict | None]:
-    """AdamW with warm-up and cosine decay over the run's progress: steps done / --steps, or
-    with --minutes, wall-clock time / budget (the run stops when the budget is spent).
-    Returns the history and, with --ema, the encoder's exponential moving average."""
-    train_idx = np.nonzero((cache["split"] == 0) & cache["valid"])[0]
-    points = torch.from_numpy(cache["points"])
-    txt = torch.from_numpy(cache["txt_emb"])[torch.from_numpy(cache["label"])]
-    img = torch.from_numpy(cache["img_emb"])
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "token" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "token" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
-                             {"params": rest, "weight_decay": 0.0}], lr=args.lr,
-                            betas=(0.9, 0.98))
-
-    def lr_at(progress: float) -> float:
-        if progress < 0.05:
-            return args.lr * max(progress, 0.002) / 0.05
-        t = min(1.0, (progress - 0.05) / 0.95)
-        return 1e-5 + 0.5 * (args.lr - 1e-5) * (1 + math.cos(math.pi * t))
-
-    gen = torch.Generator().manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    order, pos, history = rng.permutation(train_idx), 0, []
-    # the encoder's weights (and BatchNorm statistics) averaged over the last ~1/(1-decay) steps
-    ema = {k: v.detach().clone() for k, v in model.encoder.state_dict().items()} \
-        if args.ema else None
-    # (average, live) pairs, once: the optimiser and BatchNorm update the live tensors in place
-    tracked = [(ema[k], v) for k, v in model.encoder.state_dict().items()] if ema else []
-    model.train()
-    t0 = window = time.time()
-    cpu0 = time.process_time()
-    budget = None if args.steps else args.minutes * 60
-    step = 0
-    while True:
-        progress = (time.time() - t0) / budget if budget else step / args.steps
-        if progress >= 1.0:
-            break
-        if pos + args.batch > len(order):
-            order, pos = rng.permutation(train_idx), 0
-        idx = torch.from_numpy(order[pos:pos + args.batch])
-        pos += args.batch
-        keep = torch.rand(len(idx), points.shape[1], generator=gen).argsort(1)[:, :args.points]
-        # a new random subset every step
-        batch = augment(points[idx[:, None], keep], gen, args.scale_augment)
-        start = torch.randint(0, batch.shape[1], (len(idx),), generator=gen)
-        patches, centres = group_torch(batch, args.groups, args.group_size, start=start)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(progress)
-        out = model(patches, centres, txt[idx], img[idx], bf16=args.precision == "bf16")
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        step += 1
-        decay = min(args.ema, (1 + step) / (10 + step))  # short memory while it warms up
-        with torch.no_grad():
-            for average, live in tracked:
-                if live.is_floating_point():
-                    average.lerp_(live, 1 - decay)
-                else:
-                    average.copy_(live)
-        if step % args.log_every == 0:
-            rate = args.log_every * args.batch / (time.time() - window)
-            window = time.time()
-            row = {k: round(float(v.detach()), 4) for k, v in out.items()}
-            row.update(step=step, lr=lr_at(progress), elapsed_s=round(time.time() - t0),
-                       cpu_s=round(time.process_time() - cpu0),
-                       epochs=round(step * args.batch / len(train_idx), 2))
-            history.append(row)
-            log(f"step {step} ({100 * progress:.0f}%) epoch {row['epochs']:.1f} loss "
-                f"{row['loss']:.3f} (text {row['loss_text']:.3f}, image "
-                f"{row['loss_image']:.3f}) scale {row['scale']:.1f} lr {row['lr']:.1e} "
-                f"{rate:.0f} obj/s")
-    history.append({"step": step, "elapsed_s": round(time.time() - t0),
-                    "cpu_s": round(time.process_time() - cpu0),
-                    "epochs": round(step * args.batch / len(train_idx), 2)})
-    return history, ema
-
-
-def time_precisions(model: Model, cache: dict, args, rounds: int = 3,
-                    clear: float = 2.0) -> dict[str, float]:
-    """Milliseconds per training step (forward + backward, one batch) in bf16 and in fp32,
-    interleaved rounds, the best of each kept. On a copy of the model and under a forked RNG,
-    so the run itself is the same as one started with the chosen --precision. Stops after the
-    first timed round when one precision is over ``clear`` times slower: on a CPU without
-    AVX512-BF16 a bf16 step takes 24x an fp32 one (5.7 s), and more rounds would only spend
-    the run's time confirming it."""
-    probe = copy.deepcopy(model).train()
-    idx = torch.from_numpy(np.nonzero((cache["split"] == 0) & cache["valid"])[0][:args.batch])
-    batch = torch.from_numpy(cache["points"])[idx][:, :args.points]
-    txt = torch.from_numpy(cache["txt_emb"])[torch.from_numpy(cache["label"])[idx]]
-    img = torch.from_numpy(cache["img_emb"])[idx]
-    best = {"bf16": math.inf, "fp32": math.inf}
-    with torch.random.fork_rng():
-        patches, centres = group_torch(batch, args.groups, args.group_size)
-        for r in range(rounds + 1):  # the first round warms up both
-            for precision in best:
-                t = time.perf_counter()
-                probe(patches, centres, txt, img, bf16=precision == "bf16")["loss"].backward()
-                if r:
-                    best[precision] = min(best[precision], 1e3 * (time.perf_counter() - t))
-            if r and max(best.values()) > clear * min(best.values()):
-                break
-    return best
-
+# Training length: 70 epochs, unless 22 minutes run out first (README, stop 19).
+EPOCHS = 70.0
 
 # ---------------------------------------------------------------- evaluation
 
@@ -305,15 +158,31 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--drop-path", type=float, default=DROP_PATH,
                    help=f"stochastic depth of the transformer blocks (model.drop_path; default "
                    f"{DROP_PATH:g}, Uni3D's; 0 = off, as before stop 18)")
+    p.add_argument("--epochs", type=float, default=EPOCHS,
+                   help=f"training length in epochs (default {EPOCHS:g}: longer runs scored "
+                   "lower, README stop 19), unless --minutes runs out first; 0 = by --minutes "
+                   "alone, as before stop 19")
     p.add_argument("--minutes", type=float, default=22.0,
-                   help="training length in wall-clock minutes (with the cache's 8 min on a "
-                   "first run, about the 30-minute budget)")
+                   help="the most wall-clock minutes of training: a CPU too slow for --epochs "
+                   "in this time gets the same schedule compressed into it (with the cache's "
+                   "3-8 min on a first run, about the 30-minute budget); 0 = no limit")
     p.add_argument("--steps", type=int, default=None,
-                   help="training length in steps instead (ablations: comparable lengths)")
+                   help="training length in steps instead, with no time limit (ablations: "
+                   "comparable lengths)")
     p.add_argument("--scale-augment", type=float, default=1.0,
                    help="training augmentation: each axis scaled by a random factor in "
                    "[1/F, F] (then back into the unit ball); 1 = none (the default: it blurs "
                    "the proportions that tell a dresser from a night stand, a desk from a table)")
+    p.add_argument("--mirror", type=lambda s: tuple(int(a) for a in s.split(",") if a),
+                   default=(), metavar="AXES",
+                   help="training augmentation: mirror each object along each of these grid "
+                   "axes (comma-separated, 0-2; 2 is up) with probability 1/2; '' = none")
+    p.add_argument("--jitter", type=float, default=0.0,
+                   help="training augmentation: gaussian noise of this standard deviation on "
+                   "each position (unit-ball units; a voxel is about 0.05); 0 = none")
+    p.add_argument("--unmasked-tail", type=float, default=0.0, metavar="F",
+                   help="train the last F of the run without patch dropout (FLIP's unmasked "
+                   "tuning: evaluation sees every patch); 0 = off")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--cache-points", type=int, default=1024,
@@ -360,6 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--limit", type=int, default=None,
                    help="objects per split (a smoke test; the figures need all)")
     args = p.parse_args(argv)
+    if not (args.steps or args.epochs or args.minutes):
+        p.error("--epochs 0 and --minutes 0 leave the run no length; give one, or --steps")
     torch.manual_seed(args.seed)
     t0 = time.time()
     torch.set_num_threads(args.threads)
@@ -422,6 +293,11 @@ def main(argv: list[str] | None = None) -> dict:
                                          (f"lr{args.lr:g}", args.lr != 1e-3),
                                          (f"aug{args.scale_augment:g}",
                                           args.scale_augment != 1),
+                                         ("mirror" + "".join(map(str, args.mirror)),
+                                          bool(args.mirror)),
+                                         (f"jit{args.jitter:g}", args.jitter > 0),
+                                         (f"unmasked{args.unmasked_tail:g}",
+                                          args.unmasked_tail > 0),
                                          (f"g{args.groups}-p{args.points}",
                                           (args.groups, args.points) != (32, 512)),
                                          (f"ema{args.ema:g}", args.ema > 0),
@@ -430,7 +306,8 @@ def main(argv: list[str] | None = None) -> dict:
                                          (f"d{args.teacher_embed_dim}",
                                           args.teacher_embed_dim != TeacherConfig().embed_dim),
                                          (f"t{args.threads}", args.threads != 2)) if on)
-    length = f"s{args.steps}" if args.steps else f"m{args.minutes:g}"
+    length = f"s{args.steps}" if args.steps else "-".join(
+        f"{unit}{value:g}" for unit, value in (("e", args.epochs), ("m", args.minutes)) if value)
     name = f"result-{ablation or 'full'}-{length}-seed{args.seed}"
     digest = hashlib.sha1(json.dumps(vars(args), sort_keys=True).encode()).hexdigest()[:6]
     out = Path(args.workdir) / f"{name}-{digest}.json"

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import torch
 
 from clipgs.config import IngestConfig
 from clipgs.data import shards, storage
@@ -25,6 +26,46 @@ def test_voxels_to_gaussians_surface_only():
     grid[2:6, 2:6, 2:6] = 1
     cloud = voxels_to_gaussians(grid)
     assert len(cloud) == 64 - 8  # a 4^3 cube minus its 2^3 interior
+
+
+def _frames(cloud):
+    """Each gaussian's rotation matrix (columns: its x, y, z axes) and scales."""
+    from clipgs.data.views import quaternion_matrix
+
+    rot = quaternion_matrix(torch.from_numpy(cloud.activated()[:, 10:14])).numpy()
+    return rot, np.exp(cloud.scale)
+
+
+def test_voxel_gaussians_take_the_shape_of_the_surface():
+    """A plate gets disks in its plane, a rod needles along it, a box wall disks facing out;
+    the same neighbourhood always gets the same quaternion, a lone voxel a round gaussian."""
+    plate = np.zeros((12, 12, 12), int)
+    plate[2:10, 2:10, 5] = 1
+    cloud = voxels_to_gaussians(plate)
+    rot, scale = _frames(cloud)
+    inner = (np.abs(cloud.xyz[:, :2] - 6.0) < 3).all(1)  # away from the plate's rim
+    assert np.allclose(np.abs(rot[:, :, 2]), [0, 0, 1], atol=1e-5)  # normal: axis 2
+    assert np.allclose(scale[inner], [np.sqrt(6 / 9), np.sqrt(6 / 9), 0.1], atol=1e-5)
+    quats = cloud.activated()[inner, 10:14]
+    assert np.allclose(quats, quats[0], atol=1e-6) and (quats[:, 0] >= 0).all()
+
+    rod = np.zeros((12, 12, 12), int)
+    rod[5, 5, 1:11] = 1
+    rot, scale = _frames(voxels_to_gaussians(rod))
+    assert np.allclose(np.abs(rot[1:-1, :, 0]), [0, 0, 1], atol=1e-5)  # along the rod
+    assert np.allclose(scale[1:-1], [np.sqrt(2 / 3), 0.1, 0.1], atol=1e-5)
+
+    box = np.zeros((12, 12, 12), int)
+    box[2:10, 2:10, 2:10] = 1
+    cloud = voxels_to_gaussians(box)
+    rot, _ = _frames(cloud)
+    wall = np.nonzero((cloud.xyz == [2.5, 5.5, 5.5]).all(1))[0][0]  # centre of the -x wall
+    assert np.allclose(rot[wall, :, 2], [-1, 0, 0], atol=1e-5)  # facing out
+
+    lone = np.zeros((5, 5, 5), int)
+    lone[2, 2, 2] = 1
+    cloud = voxels_to_gaussians(lone)
+    assert np.allclose(np.exp(cloud.scale), 0.6) and np.allclose(cloud.rotation, [1, 0, 0, 0])
 
 
 def test_rendered_silhouette_matches_projected_points():

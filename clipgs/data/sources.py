@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+from scipy import ndimage
+from scipy.spatial.transform import Rotation
 
 from clipgs.data.formats import FORMATS, GAUSSIAN_SUFFIXES, read_gaussians
 from clipgs.data.gaussians import GaussianCloud
@@ -157,9 +159,50 @@ def _object_assets(sizes: dict[str, int], root: str, mesh_samples: int) -> list[
     return assets
 
 
+# a voxel gaussian's extent along each axis of its frame, in voxels: at least this thick (the
+# flat side of a disk), and isotropic VOXEL_SCALE where a voxel has too few neighbours for a frame
+MIN_VOXEL_SCALE = 0.1
+VOXEL_SCALE = 0.6
+
+
+def _surface_frames(surface: np.ndarray, outward: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Each surface voxel's gaussian fitted to its neighbourhood: the covariance of the surface
+    voxels among its 26 neighbours and itself, as a rotation (unit quaternions w, x, y, z) and
+    three scales (voxels). The frame's z axis is the direction of least spread (the surface
+    normal, turned to agree with ``outward`` where that says something), x the direction of
+    most spread, y = z cross x; so a flat piece of surface gets a disk in its plane, a one-voxel
+    rod a needle along it, and the same neighbourhood always the same quaternion (w >= 0)."""
+    s = surface.astype(np.float64)
+    offsets = np.arange(-1.0, 2.0)
+    d = np.meshgrid(offsets, offsets, offsets, indexing="ij")  # offsets along axes 0, 1, 2
+    count = ndimage.correlate(s, np.ones((3, 3, 3)), mode="constant")[surface]
+    mean = np.stack([ndimage.correlate(s, d[a], mode="constant")[surface] for a in range(3)],
+                    axis=1) / count[:, None]
+    cov = np.empty((len(count), 3, 3))
+    for a in range(3):
+        for b in range(a, 3):
+            m = ndimage.correlate(s, d[a] * d[b], mode="constant")[surface] / count
+            cov[:, a, b] = cov[:, b, a] = m - mean[:, a] * mean[:, b]
+    spread, axes = np.linalg.eigh(cov)  # ascending: axes[..., 0] is the normal
+    normal, major = axes[..., 0], axes[..., 2]
+    normal *= np.where((normal * outward).sum(1) < 0, -1.0, 1.0)[:, None]
+    major *= np.where(major @ np.array([1.0, 1e-3, 1e-6]) < 0, -1.0, 1.0)[:, None]
+    frame = np.stack([major, np.cross(normal, major), normal], axis=2)  # columns x, y, z
+    q = Rotation.from_matrix(frame).as_quat()  # (x, y, z, w)
+    q = np.concatenate([q[:, 3:], q[:, :3]], axis=1)
+    q *= np.where(q[:, :1] < 0, -1.0, 1.0)
+    scale = np.clip(np.sqrt(np.clip(spread[:, ::-1], 0, None)), MIN_VOXEL_SCALE, None)
+    alone = count < 3  # no plane or line to fit: a small round gaussian, as before
+    q[alone], scale[alone] = (1.0, 0.0, 0.0, 0.0), VOXEL_SCALE
+    return q.astype(np.float32), scale.astype(np.float32)
+
+
 def voxels_to_gaussians(grid: np.ndarray, path: str = "<grid>", field: str | None = None
                         ) -> GaussianCloud:
-    """Occupied surface voxels of a [D, H, W] occupancy grid to gaussians, shaded by a fixed
+    """Occupied surface voxels of a [D, H, W] occupancy grid to gaussians: each voxel's gaussian
+    takes the shape of the surface around it (a disk on a wall or a table top, a needle along a
+    chair leg: ``_surface_frames``), as a 3DGS fit of the surface would, and is shaded by a fixed
     light through the occupancy gradient so that rendered views show the shape."""
     occ = grid > 0
     if not occ.any():  # ModelNet10 as shipped has 34 of these
@@ -178,10 +221,10 @@ def voxels_to_gaussians(grid: np.ndarray, path: str = "<grid>", field: str | Non
     light = np.array([0.4, 0.3, 0.85], np.float32)
     shade = 0.35 + 0.55 * np.clip(normal @ (light / np.linalg.norm(light)), 0, 1)
     n = len(idx)
+    rotation, scale = _surface_frames(surface, normal)
     return GaussianCloud.from_activated(
         xyz=idx + 0.5, rgb=np.repeat(shade[:, None], 3, axis=1),
-        opacity=np.full(n, 0.9, np.float32), scale=np.full((n, 3), 0.6, np.float32),
-        rotation=np.tile(np.array([1, 0, 0, 0], np.float32), (n, 1)))
+        opacity=np.full(n, 0.9, np.float32), scale=scale, rotation=rotation)
 
 
 def _grid_assets(url: str, root: str, limit: int | None) -> list[Asset]:
