@@ -4,30 +4,32 @@ episodes, retrieval R@1), with the offline teacher (clipgs.models.teacher.Teache
 
 One command (the first run builds the cache under work/bench-modelnet10/, later runs reuse it):
 
-    .venv/bin/python -m benchmarks.modelnet10             # the model of method.md, 22 min
+    .venv/bin/python -m benchmarks.modelnet10             # the model of method.md, 70 epochs
     nice .venv/bin/python -m benchmarks.modelnet10 --steps 300                        # baseline
     nice .venv/bin/python -m benchmarks.modelnet10 --steps 300 --image-loss random    # ablation
     nice .venv/bin/python -m benchmarks.modelnet10 --steps 300 --position-colour-only
     nice .venv/bin/python -m benchmarks.modelnet10 --steps 300 --no-serialization
     nice .venv/bin/python -m benchmarks.modelnet10 --eval-only RUN.safetensors [--votes 5]
 
-Defaults: Uni3D's patch dropout 0.5, the encoder in bf16 autocast or fp32, whichever a few timed
-steps show faster on this CPU (--precision auto; fp32 loss and evaluation), no scale
-augmentation (--scale-augment 1.25 was the previous default), the logit scale clamped at 20
-(--logit-scale-max; 100, CLIP's, before stop 17: SCALE_MAX below), stochastic depth 0.2 over the
-transformer blocks (--drop-path, Uni3D's; 0 before stop 18: DROP_PATH below). --ema 0.999
-also evaluates a moving average of the weights, --votes 5 also reports test-time voting; the
-headline is always the final weights on one subset. Each run writes its result JSON and the
-encoder's weights (.safetensors; -ema.safetensors with --ema) under the workdir.
+Defaults: 70 epochs of training, or 22 minutes if the CPU is too slow for them (--epochs,
+--minutes; --steps N for an exact length), Uni3D's patch dropout 0.5, the encoder in bf16
+autocast or fp32, whichever a few timed steps show faster on this CPU (--precision auto; fp32
+loss and evaluation), no scale augmentation (--scale-augment 1.25 was the previous default), the
+logit scale clamped at 20 (--logit-scale-max; 100, CLIP's, before stop 17: SCALE_MAX below),
+stochastic depth 0.2 over the transformer blocks (--drop-path, Uni3D's; 0 before stop 18:
+DROP_PATH below). --ema 0.999 also evaluates a moving average of the weights, --votes 5 also
+reports test-time voting; the headline is always the final weights on one subset. Each run
+writes its result JSON and the encoder's weights (.safetensors; -ema.safetensors with --ema)
+under the workdir.
 
 What is real: the project's tokenizer (group_torch for training batches, group_numpy - the
 package's path - for evaluation), GSEncoder, ClipGSLoss and the evaluation metrics of
 clipgs.eval. What is the benchmark's own: a plain single-process PyTorch loop (no DeepSpeed),
-and the cache (benchmarks/_modelnet10_cache.py): each grid's surface voxels as gaussians
-(clipgs.data.sources.voxels_to_gaussians) resampled to --points, K rendered views
-(clipgs.data.views.render at the teacher's image size) and the teacher's text and image
-embeddings. 27 train and 7 test grids are empty; they cannot
-become gaussians, are reported and skipped, and count as wrong in the "of 908" figures.
+and the cache (benchmarks/_modelnet10_cache.py): each grid's surface voxels as gaussians shaped
+by their surface neighbourhood (clipgs.data.sources.voxels_to_gaussians) resampled to --points,
+K rendered views (clipgs.data.views.render at the teacher's image size) and the teacher's text
+and image embeddings. 27 train and 7 test grids are empty; they cannot become gaussians, are
+reported and skipped, and count as wrong in the "of 908" figures.
 """
 
 from __future__ import annotations
