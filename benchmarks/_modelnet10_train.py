@@ -92,9 +92,9 @@ def train(model: Model, cache: dict, args) -> tuple[list[dict], dict | None]:
     points = torch.from_numpy(cache["points"])
     txt = torch.from_numpy(cache["txt_emb"])[torch.from_numpy(cache["label"])]
     img = torch.from_numpy(cache["img_emb"])
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "token" not in n]
+    decayed = [p for n, p in model.named_parameters() if p.ndim >= 2 and "token" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "token" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
+    opt = torch.optim.AdamW([{"params": decayed, "weight_decay": 0.05},
                              {"params": rest, "weight_decay": 0.0}], lr=args.lr,
                             betas=(0.9, 0.98))
 

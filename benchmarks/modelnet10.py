@@ -9,7 +9,7 @@ One command (the first run builds the cache under work/bench-modelnet10/, later 
     nice .venv/bin/python -m benchmarks.modelnet10 --steps 300 --image-loss random    # ablation
     nice .venv/bin/python -m benchmarks.modelnet10 --steps 300 --position-colour-only
     nice .venv/bin/python -m benchmarks.modelnet10 --steps 300 --no-serialization
-    nice .venv/bin/python -m benchmarks.modelnet10 --eval-only RUN.safetensors [--votes 5]
+    nice .venv/bin/python -m benchmarks.modelnet10 --eval-only RUN.safetensors [RUN2 ...] [--votes 5]
 
 Defaults: 70 epochs of training, or 22 minutes if the CPU is too slow for them (--epochs,
 --minutes; --steps N for an exact length), Uni3D's patch dropout 0.5, the encoder in bf16
@@ -93,18 +93,35 @@ def embed(encoder: GSEncoder, points: np.ndarray, args, path: str = "numpy") -> 
     return np.concatenate(out)
 
 
+def test_split(cache: dict, args):
+    """The test shapes, those with gaussians, their labels, and a function drawing a random
+    subset of --points gaussians per test object; the first draw is the same for a given --seed
+    (one fixed subset per object, as resampling does), whichever encoder is evaluated."""
+    test = np.nonzero(cache["split"] == 1)[0]
+    valid = test[cache["valid"][test]]
+    rng = np.random.default_rng(args.seed)
+
+    def draw() -> np.ndarray:
+        return np.stack([resample(p, args.points, rng) for p in cache["points"][valid]])
+
+    return test, valid, cache["label"][valid], draw
+
+
+def ensemble_top1(encoders: list[GSEncoder], cache: dict, teacher: Teacher, args) -> float:
+    """Zero-shot top-1 of the encoders' unit embeddings summed, on --seed's test subset: above
+    each encoder's own top-1 on that subset only where their errors differ."""
+    _, _, labels, draw = test_split(cache, args)
+    subset = draw()
+    g = sum(embed(encoder, subset, args) for encoder in encoders)
+    text = class_embeddings(teacher, list(MODELNET10_CLASSES), EvalConfig().prompts)
+    return topk_accuracy(g @ text.T, labels, 1)
+
+
 def evaluate(encoder: GSEncoder, cache: dict, teacher: Teacher, args,
              teacher_checks: bool = True) -> dict:
     """The encoder's figures; with teacher_checks, also the teacher's (the same for any
     encoder, so a second evaluation of the same run skips them)."""
-    test = np.nonzero(cache["split"] == 1)[0]
-    valid = test[cache["valid"][test]]
-    labels = cache["label"][valid]
-    rng = np.random.default_rng(args.seed)  # one fixed subset per object, as resampling does
-
-    def draw() -> np.ndarray:  # a random subset of --points gaussians per test object
-        return np.stack([resample(p, args.points, rng) for p in cache["points"][valid]])
-
+    test, valid, labels, draw = test_split(cache, args)
     subset = draw()
     g = embed(encoder, subset, args)
     classes = list(MODELNET10_CLASSES)
@@ -211,9 +228,10 @@ def main(argv: list[str] | None = None) -> dict:
                    help="also report zero-shot top-1 with embeddings averaged over this many "
                    "random subsets per test object (test-time voting); the headline figure "
                    "stays single-subset")
-    p.add_argument("--eval-only", metavar="SAFETENSORS", default=None,
+    p.add_argument("--eval-only", metavar="SAFETENSORS", nargs="+", default=None,
                    help="evaluate the encoder weights a previous run saved, no training (pass "
-                   "that run's model flags too)")
+                   "that run's model flags too; the test subset is --seed's); several files: "
+                   "each, then the ensemble of their embeddings (zeroshot_top1_ensemble)")
     p.add_argument("--ema", type=float, default=0.0,
                    help="also evaluate an exponential moving average of the encoder's weights "
                    "with this decay (e.g. 0.999; 0 = off); reported under 'ema'")
@@ -254,14 +272,25 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"model: {n_params / 1e6:.2f}M parameters; {model_cfg.model_dump_json()}")
     log(f"loss: {loss_cfg.model_dump_json()}")
     if args.eval_only:
-        try:
-            model.encoder.load_state_dict(load_file(args.eval_only))
-        except RuntimeError as e:  # shapes or keys of another model configuration
-            raise SystemExit(f"{args.eval_only}: does not fit the model these flags build "
-                             f"(pass the run's own --groups/--position-colour-only/...): {e}")
-        res = evaluate(model.encoder, cache, teacher, args)
-        print(json.dumps({k: v for k, v in res.items() if k not in ("confusion",)}, indent=1))
-        return res
+        encoders, results = [], {}
+        for path in args.eval_only:
+            encoder = GSEncoder(model_cfg, cache["txt_emb"].shape[1])
+            try:
+                encoder.load_state_dict(load_file(path))
+            except RuntimeError as e:  # shapes or keys of another model configuration
+                raise SystemExit(f"{path}: does not fit the model these flags build (pass "
+                                 f"the run's own --groups/--position-colour-only/...): {e}")
+            results[path] = evaluate(encoder, cache, teacher, args,
+                                     teacher_checks=not results)
+            encoders.append(encoder)
+        shown = {path: {k: v for k, v in r.items() if k != "confusion"}
+                 for path, r in results.items()}
+        if len(encoders) == 1:
+            print(json.dumps(shown[path], indent=1))
+            return results[path]
+        ensemble = ensemble_top1(encoders, cache, teacher, args)
+        print(json.dumps({**shown, "zeroshot_top1_ensemble": ensemble}, indent=1))
+        return {"runs": results, "zeroshot_top1_ensemble": ensemble}
     if args.precision == "auto":
         t_probe = time.time()
         timings = time_precisions(model, cache, args)
