@@ -90,7 +90,7 @@ def train(model: Model, cache: dict, args) -> tuple[list[dict], dict | None]:
     Returns the history and, with --ema, the encoder's exponential moving average."""
     train_idx = np.nonzero((cache["split"] == 0) & cache["valid"])[0]
     points = torch.from_numpy(cache["points"])
-    txt = torch.from_numpy(cache["txt_emb"])[torch.from_numpy(cache["label"])]
+    txt = torch.from_numpy(cache["train_txt"])[torch.from_numpy(cache["label"])]
     img = torch.from_numpy(cache["img_emb"])
     decayed = [p for n, p in model.named_parameters() if p.ndim >= 2 and "token" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "token" not in n)]
@@ -187,7 +187,7 @@ def time_precisions(model: Model, cache: dict, args, rounds: int = 3,
     probe = copy.deepcopy(model).train()
     idx = torch.from_numpy(np.nonzero((cache["split"] == 0) & cache["valid"])[0][:args.batch])
     batch = torch.from_numpy(cache["points"])[idx][:, :args.points]
-    txt = torch.from_numpy(cache["txt_emb"])[torch.from_numpy(cache["label"])[idx]]
+    txt = torch.from_numpy(cache["train_txt"])[torch.from_numpy(cache["label"])[idx]]
     img = torch.from_numpy(cache["img_emb"])[idx]
     best = {"bf16": math.inf, "fp32": math.inf}
     with torch.random.fork_rng():

@@ -10,6 +10,7 @@ One command (the first run builds the cache under work/bench-modelnet10/, later 
     nice .venv/bin/python -m benchmarks.modelnet10 --steps 300 --position-colour-only
     nice .venv/bin/python -m benchmarks.modelnet10 --steps 300 --no-serialization
     nice .venv/bin/python -m benchmarks.modelnet10 --eval-only RUN.safetensors [RUN2 ...] [--votes 5]
+    nice .venv/bin/python -m benchmarks.modelnet10 --text-target prompts | --depth 6  # tried
 
 Defaults: 70 epochs of training, or 22 minutes if the CPU is too slow for them (--epochs,
 --minutes; --steps N for an exact length), Uni3D's patch dropout 0.5, the encoder in bf16
@@ -170,6 +171,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--image-loss", choices=["vote", "random", "mean"], default="vote",
                    help="ablation: image voting loss (default) vs one random view")
     p.add_argument("--image-weight", type=float, default=1.0, help="0 = text loss only")
+    p.add_argument("--text-target", choices=["caption", "prompts"], default="caption",
+                   help="the text embedding each object trains against: its caption ('a 3D "
+                   "model of a <class>', as ingestion writes it) or the class's prompt "
+                   "ensemble, the text side zero-shot evaluation scores against (ULIP's "
+                   "templates for class-name-only data; stop 21: no gain over five seeds)")
     p.add_argument("--position-colour-only", action="store_true",
                    help="ablation: GS tokenizer without branch 2 (14 attributes)")
     p.add_argument("--no-serialization", action="store_true", help="ablation: no token orders")
@@ -213,6 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--views", type=int, default=3)
     p.add_argument("--groups", type=int, default=32)
     p.add_argument("--group-size", type=int, default=16)
+    p.add_argument("--depth", type=int, default=ModelConfig().depth,
+                   help="transformer blocks (the platform's default CPU size: 4; Uni3D's "
+                   "tiny: 12)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="training matmuls: bf16 autocast (the loss and evaluation stay fp32) "
                    "or fp32; auto (the default) times a few training steps in each on this "
@@ -260,7 +269,9 @@ def main(argv: list[str] | None = None) -> dict:
     t_cache = time.time() - t0
     if args.cache_only:
         return {"cache_s": round(t_cache)}
-    model_cfg = ModelConfig(groups=args.groups, group_size=args.group_size,
+    cache["train_txt"] = cache["txt_emb"] if args.text_target == "caption" else \
+        class_embeddings(teacher, list(MODELNET10_CLASSES), EvalConfig().prompts)
+    model_cfg = ModelConfig(groups=args.groups, group_size=args.group_size, depth=args.depth,
                             patch_dropout=args.patch_dropout, drop_path=args.drop_path,
                             attribute_branch=not args.position_colour_only,
                             serialization=() if args.no_serialization else
@@ -322,6 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
                                          (f"dp{args.drop_path:g}", args.drop_path != DROP_PATH),
                                          ("fp32", args.precision == "fp32"),
                                          (f"imgw{args.image_weight:g}", args.image_weight != 1),
+                                         ("txt-prompts", args.text_target == "prompts"),
                                          (f"lr{args.lr:g}", args.lr != 1e-3),
                                          (f"aug{args.scale_augment:g}",
                                           args.scale_augment != 1),
@@ -330,6 +342,8 @@ def main(argv: list[str] | None = None) -> dict:
                                          (f"jit{args.jitter:g}", args.jitter > 0),
                                          (f"unmasked{args.unmasked_tail:g}",
                                           args.unmasked_tail > 0),
+                                         (f"depth{args.depth}",
+                                          args.depth != ModelConfig().depth),
                                          (f"g{args.groups}-p{args.points}",
                                           (args.groups, args.points) != (32, 512)),
                                          (f"ema{args.ema:g}", args.ema > 0),
