@@ -108,14 +108,18 @@ def test_split(cache: dict, args):
     return test, valid, cache["label"][valid], draw
 
 
+def class_prompts(teacher: Teacher) -> np.ndarray:
+    """[10, D]: each class through the zero-shot prompt ensemble (EvalConfig().prompts)."""
+    return class_embeddings(teacher, list(MODELNET10_CLASSES), EvalConfig().prompts)
+
+
 def ensemble_top1(encoders: list[GSEncoder], cache: dict, teacher: Teacher, args) -> float:
     """Zero-shot top-1 of the encoders' unit embeddings summed, on --seed's test subset: above
     each encoder's own top-1 on that subset only where their errors differ."""
     _, _, labels, draw = test_split(cache, args)
     subset = draw()
     g = sum(embed(encoder, subset, args) for encoder in encoders)
-    text = class_embeddings(teacher, list(MODELNET10_CLASSES), EvalConfig().prompts)
-    return topk_accuracy(g @ text.T, labels, 1)
+    return topk_accuracy(g @ class_prompts(teacher).T, labels, 1)
 
 
 def evaluate(encoder: GSEncoder, cache: dict, teacher: Teacher, args,
@@ -125,8 +129,7 @@ def evaluate(encoder: GSEncoder, cache: dict, teacher: Teacher, args,
     test, valid, labels, draw = test_split(cache, args)
     subset = draw()
     g = embed(encoder, subset, args)
-    classes = list(MODELNET10_CLASSES)
-    text = class_embeddings(teacher, classes, EvalConfig().prompts)
+    text = class_prompts(teacher)
     logits = g @ text.T
     n_all = len(test)
     res = {"test_objects": int(n_all), "test_objects_with_gaussians": int(len(valid))}
@@ -270,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.cache_only:
         return {"cache_s": round(t_cache)}
     cache["train_txt"] = cache["txt_emb"] if args.text_target == "caption" else \
-        class_embeddings(teacher, list(MODELNET10_CLASSES), EvalConfig().prompts)
+        class_prompts(teacher)
     model_cfg = ModelConfig(groups=args.groups, group_size=args.group_size, depth=args.depth,
                             patch_dropout=args.patch_dropout, drop_path=args.drop_path,
                             attribute_branch=not args.position_colour_only,
@@ -297,8 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
         shown = {path: {k: v for k, v in r.items() if k != "confusion"}
                  for path, r in results.items()}
         if len(encoders) == 1:
-            print(json.dumps(shown[path], indent=1))
-            return results[path]
+            only = args.eval_only[0]
+            print(json.dumps(shown[only], indent=1))
+            return results[only]
         ensemble = ensemble_top1(encoders, cache, teacher, args)
         print(json.dumps({**shown, "zeroshot_top1_ensemble": ensemble}, indent=1))
         return {"runs": results, "zeroshot_top1_ensemble": ensemble}
