@@ -80,13 +80,14 @@ class Model(nn.Module):
         return out
 
 
-def train(model: Model, cache: dict, args) -> tuple[list[dict], dict | None]:
+def train(model: Model, cache: dict, args, on_log=None) -> tuple[list[dict], dict | None]:
     """AdamW with warm-up and cosine decay over the run's progress: steps done / --steps;
     otherwise the further along of steps done / the steps of --epochs and wall-clock time /
     --minutes, so a fast CPU stops after --epochs and a slow one compresses the same schedule
     into the time budget (0 turns either off). With
     --unmasked-tail F, the last F of the run trains without patch dropout (FLIP's unmasked
     tuning: the model is evaluated on every patch, so it ends by training on every patch).
+    Each logged row also goes to ``on_log`` (the MLflow run's live curve) when given.
     Returns the history and, with --ema, the encoder's exponential moving average."""
     train_idx = np.nonzero((cache["split"] == 0) & cache["valid"])[0]
     points = torch.from_numpy(cache["points"])
@@ -164,6 +165,8 @@ def train(model: Model, cache: dict, args) -> tuple[list[dict], dict | None]:
                        cpu_s=round(time.process_time() - cpu0),
                        epochs=round(step * args.batch / len(train_idx), 2))
             history.append(row)
+            if on_log:
+                on_log(row)
             log(f"step {step} ({100 * progress:.0f}%) epoch {row['epochs']:.1f} loss "
                 f"{row['loss']:.3f} (text {row['loss_text']:.3f}, image "
                 f"{row['loss_image']:.3f}) scale {row['scale']:.1f} lr {row['lr']:.1e} "

@@ -46,6 +46,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from benchmarks._modelnet10_cache import load_cache, log, teacher_view_checks
+from benchmarks._modelnet10_mlflow import BenchmarkRun, tracking_uri
 from benchmarks._modelnet10_train import Model, time_precisions, train
 from clipgs.config import EvalConfig, LossConfig, ModelConfig
 from clipgs.data.gaussians import resample
@@ -169,6 +170,45 @@ def evaluate(encoder: GSEncoder, cache: dict, teacher: Teacher, args,
 
 # ---------------------------------------------------------------- main
 
+def result_path(args) -> Path:
+    """Where a training run writes its result: the flags that differ from the defaults,
+    the length and the seed in the name, a digest of all flags after it."""
+    ablation = "-".join(a for a, on in (("random-view", args.image_loss == "random"),
+                                         ("mean-view", args.image_loss == "mean"),
+                                         ("pos-colour-only", args.position_colour_only),
+                                         ("no-serialization", args.no_serialization),
+                                         (f"pd{args.patch_dropout:g}", args.patch_dropout != 0.5),
+                                         (f"dp{args.drop_path:g}", args.drop_path != DROP_PATH),
+                                         ("fp32", args.precision == "fp32"),
+                                         (f"imgw{args.image_weight:g}", args.image_weight != 1),
+                                         ("txt-prompts", args.text_target == "prompts"),
+                                         (f"lr{args.lr:g}", args.lr != 1e-3),
+                                         (f"aug{args.scale_augment:g}",
+                                          args.scale_augment != 1),
+                                         ("mirror" + "".join(map(str, args.mirror)),
+                                          bool(args.mirror)),
+                                         (f"jit{args.jitter:g}", args.jitter > 0),
+                                         (f"unmasked{args.unmasked_tail:g}",
+                                          args.unmasked_tail > 0),
+                                         (f"depth{args.depth}",
+                                          args.depth != ModelConfig().depth),
+                                         (f"g{args.groups}-p{args.points}",
+                                          (args.groups, args.points) != (32, 512)),
+                                         (f"ema{args.ema:g}", args.ema > 0),
+                                         (f"smax{args.logit_scale_max:g}",
+                                          args.logit_scale_max != SCALE_MAX),
+                                         (f"d{args.teacher_embed_dim}",
+                                          args.teacher_embed_dim != TeacherConfig().embed_dim),
+                                         (f"t{args.threads}", args.threads != 2)) if on)
+    length = f"s{args.steps}" if args.steps else "-".join(
+        f"{unit}{value:g}" for unit, value in (("e", args.epochs), ("m", args.minutes)) if value)
+    name = f"result-{ablation or 'full'}-{length}-seed{args.seed}"
+    # where a run is tracked does not change what it computes (nor its earlier file names)
+    flags = {k: v for k, v in vars(args).items() if k not in ("mlflow", "experiment")}
+    digest = hashlib.sha1(json.dumps(flags, sort_keys=True).encode()).hexdigest()[:6]
+    return Path(args.workdir) / f"{name}-{digest}.json"
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--image-loss", choices=["vote", "random", "mean"], default="vote",
@@ -255,6 +295,13 @@ def main(argv: list[str] | None = None) -> dict:
                    help="the offline teacher's embedding size (the project's default 384; the "
                    "paper's teachers: 1024 for EVA02-E-14-plus, 1280 for ViT-bigG-14); a "
                    "cache of its own")
+    p.add_argument("--mlflow", metavar="URI", default=None,
+                   help="tracking URI for the run's MLflow run (params, live training curve, "
+                   "final figures, confusion matrix and curve plots, result JSON and weights); "
+                   "default MLFLOW_TRACKING_URI, else the platform's sqlite:///mlflow.db in "
+                   "the working folder; 'none' = no tracking")
+    p.add_argument("--experiment", default="benchmark-modelnet10",
+                   help="MLflow experiment of the run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--workdir", default="work/bench-modelnet10")
@@ -285,13 +332,18 @@ def main(argv: list[str] | None = None) -> dict:
     n_params = sum(p.numel() for p in model.encoder.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters; {model_cfg.model_dump_json()}")
     log(f"loss: {loss_cfg.model_dump_json()}")
+    uri = tracking_uri(args.mlflow)
     if args.eval_only:
+        tracker = BenchmarkRun(uri, args.experiment, "eval-" + Path(args.eval_only[0]).stem,
+                               args, "eval-only") if uri else None
         encoders, results = [], {}
         for path in args.eval_only:
             encoder = GSEncoder(model_cfg, cache["txt_emb"].shape[1])
             try:
                 encoder.load_state_dict(load_file(path))
             except RuntimeError as e:  # shapes or keys of another model configuration
+                if tracker:
+                    tracker.fail()
                 raise SystemExit(f"{path}: does not fit the model these flags build (pass "
                                  f"the run's own --groups/--position-colour-only/...): {e}")
             results[path] = evaluate(encoder, cache, teacher, args,
@@ -302,9 +354,14 @@ def main(argv: list[str] | None = None) -> dict:
         if len(encoders) == 1:
             only = args.eval_only[0]
             print(json.dumps(shown[only], indent=1))
+            if tracker:
+                tracker.finish({"": results[only]}, [])
             return results[only]
         ensemble = ensemble_top1(encoders, cache, teacher, args)
         print(json.dumps({**shown, "zeroshot_top1_ensemble": ensemble}, indent=1))
+        if tracker:  # each file's figures under its index: run0.zeroshot_top1, ...
+            tracker.finish({f"run{i}.": r for i, r in enumerate(results.values())}, [],
+                           extra={"zeroshot_top1_ensemble": ensemble})
         return {"runs": results, "zeroshot_top1_ensemble": ensemble}
     if args.precision == "auto":
         t_probe = time.time()
@@ -316,55 +373,34 @@ def main(argv: list[str] | None = None) -> dict:
             f"(the probe took {t_probe:.1f} s)")
     else:
         timings, t_probe = None, 0.0
-    t1 = time.time()
-    history, ema = train(model, cache, args)
-    t_train = time.time() - t1
-    res = evaluate(model.encoder, cache, teacher, args)
-    if ema is not None:
-        averaged = GSEncoder(model_cfg, cache["txt_emb"].shape[1])
-        averaged.load_state_dict(ema)
-        averaged_res = evaluate(averaged, cache, teacher, args, teacher_checks=False)
-        res["ema"] = {k: v for k, v in averaged_res.items() if k != "confusion"}
-    res.update(precision=args.precision, precision_probe_ms=timings)
-    res.update(cache_s=round(t_cache), probe_s=round(t_probe, 1), train_s=round(t_train),
-               total_s=round(time.time() - t0), params=n_params, argv=vars(args),
-               train=history[-1], last_log=history[-2] if len(history) > 1 else None)
-    ablation = "-".join(a for a, on in (("random-view", args.image_loss == "random"),
-                                         ("mean-view", args.image_loss == "mean"),
-                                         ("pos-colour-only", args.position_colour_only),
-                                         ("no-serialization", args.no_serialization),
-                                         (f"pd{args.patch_dropout:g}", args.patch_dropout != 0.5),
-                                         (f"dp{args.drop_path:g}", args.drop_path != DROP_PATH),
-                                         ("fp32", args.precision == "fp32"),
-                                         (f"imgw{args.image_weight:g}", args.image_weight != 1),
-                                         ("txt-prompts", args.text_target == "prompts"),
-                                         (f"lr{args.lr:g}", args.lr != 1e-3),
-                                         (f"aug{args.scale_augment:g}",
-                                          args.scale_augment != 1),
-                                         ("mirror" + "".join(map(str, args.mirror)),
-                                          bool(args.mirror)),
-                                         (f"jit{args.jitter:g}", args.jitter > 0),
-                                         (f"unmasked{args.unmasked_tail:g}",
-                                          args.unmasked_tail > 0),
-                                         (f"depth{args.depth}",
-                                          args.depth != ModelConfig().depth),
-                                         (f"g{args.groups}-p{args.points}",
-                                          (args.groups, args.points) != (32, 512)),
-                                         (f"ema{args.ema:g}", args.ema > 0),
-                                         (f"smax{args.logit_scale_max:g}",
-                                          args.logit_scale_max != SCALE_MAX),
-                                         (f"d{args.teacher_embed_dim}",
-                                          args.teacher_embed_dim != TeacherConfig().embed_dim),
-                                         (f"t{args.threads}", args.threads != 2)) if on)
-    length = f"s{args.steps}" if args.steps else "-".join(
-        f"{unit}{value:g}" for unit, value in (("e", args.epochs), ("m", args.minutes)) if value)
-    name = f"result-{ablation or 'full'}-{length}-seed{args.seed}"
-    digest = hashlib.sha1(json.dumps(vars(args), sort_keys=True).encode()).hexdigest()[:6]
-    out = Path(args.workdir) / f"{name}-{digest}.json"
-    out.write_text(json.dumps({"result": res, "history": history}, indent=1))
-    save_file(model.encoder.state_dict(), out.with_suffix(".safetensors"))
-    if ema is not None:
-        save_file(ema, out.with_name(out.stem + "-ema.safetensors"))
+    out = result_path(args)
+    tracker = BenchmarkRun(uri, args.experiment, out.stem, args, "train") if uri else None
+    try:
+        t1 = time.time()
+        history, ema = train(model, cache, args, on_log=tracker.progress if tracker else None)
+        t_train = time.time() - t1
+        res = evaluate(model.encoder, cache, teacher, args)
+        if ema is not None:
+            averaged = GSEncoder(model_cfg, cache["txt_emb"].shape[1])
+            averaged.load_state_dict(ema)
+            averaged_res = evaluate(averaged, cache, teacher, args, teacher_checks=False)
+            res["ema"] = {k: v for k, v in averaged_res.items() if k != "confusion"}
+        res.update(precision=args.precision, precision_probe_ms=timings)
+        res.update(cache_s=round(t_cache), probe_s=round(t_probe, 1), train_s=round(t_train),
+                   total_s=round(time.time() - t0), params=n_params, argv=vars(args),
+                   train=history[-1], last_log=history[-2] if len(history) > 1 else None)
+        out.write_text(json.dumps({"result": res, "history": history}, indent=1))
+        files = [out, out.with_suffix(".safetensors")]
+        save_file(model.encoder.state_dict(), files[1])
+        if ema is not None:
+            files.append(out.with_name(out.stem + "-ema.safetensors"))
+            save_file(ema, files[2])
+    except BaseException:  # an error or ^C: the MLflow run must not be left RUNNING
+        if tracker:
+            tracker.fail()
+        raise
+    if tracker:
+        tracker.finish({"": res}, files, history)
     print(json.dumps({k: v for k, v in res.items() if k not in ("confusion", "argv")},
                      indent=1))
     log(f"zero-shot top-1 {res['zeroshot_top1']:.3f} (top-3 {res['zeroshot_top3']:.3f}, "

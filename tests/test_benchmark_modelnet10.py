@@ -1,0 +1,89 @@
+"""The ModelNet10 benchmark's MLflow run, on a 40-object subset of the real ModelNet10 and a
+few training steps (the figures need the whole benchmark; this checks what reaches MLflow):
+params, the live training curve, the final figures, plots and files; eval-only runs of one
+and several weight files; a failing run marked FAILED, not left RUNNING or FINISHED."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(tmp: Path, *flags: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.modelnet10", "--limit", "40", "--threads", "1",
+         "--precision", "fp32", "--workdir", str(tmp / "work"), "--mlflow",
+         f"sqlite:///{tmp / 'mlflow.db'}", *flags],
+        cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+
+
+def runs(tmp: Path) -> list:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("benchmark-modelnet10")
+    return client, client.search_runs([experiment.experiment_id],
+                                      order_by=["attributes.start_time ASC"])
+
+
+def test_modelnet10_benchmark_logs_to_mlflow(tmp_path, shared_data):
+    done = bench(tmp_path, "--steps", "6", "--log-every", "2", "--ema", "0.9", "--votes", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result_file = next((tmp_path / "work").glob("result-*-s6-seed0-*.json"))
+    res = json.loads(result_file.read_text())["result"]
+    client, (run,) = runs(tmp_path)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == result_file.stem
+    assert run.data.tags["clipgs.benchmark_mode"] == "train"
+    assert run.data.params["steps"] == "6" and run.data.params["ema"] == "0.9"
+    m = run.data.metrics
+    assert m["zeroshot_top1"] == pytest.approx(res["zeroshot_top1"])
+    assert m["ema.zeroshot_top1"] == pytest.approx(res["ema"]["zeroshot_top1"])
+    assert m["zeroshot_top1_votes2"] == pytest.approx(res["zeroshot_top1_votes2"])
+    # per-class accuracy from the confusion matrix: 4 test objects per class in this subset
+    confusion = res["confusion"]
+    assert m["class_acc.chair"] == pytest.approx(confusion[2][2] / sum(confusion[2]))
+    # the curve, one point per logged step, as the JSON's history has it
+    curve = client.get_metric_history(run.info.run_id, "loss")
+    logged = [r for r in json.loads(result_file.read_text())["history"] if "loss" in r]
+    assert [(p.step, p.value) for p in curve] == [(r["step"], r["loss"]) for r in logged]
+    assert [p.step for p in curve] == [2, 4, 6]
+    files = {a.path for a in client.list_artifacts(run.info.run_id)}
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    stem = result_file.stem
+    assert {f"{stem}.json", f"{stem}.safetensors", f"{stem}-ema.safetensors"} <= files
+    assert plots == {"plots/confusion_matrix.png", "plots/training_curves.png"}
+    local = Path(client.download_artifacts(run.info.run_id, f"{stem}.safetensors", str(tmp_path)))
+    assert load_file(local).keys() == load_file(result_file.with_suffix(".safetensors")).keys()
+
+    # eval-only: two weight files -> each one's figures under runN. and their ensemble
+    weights = [str(result_file.with_suffix(".safetensors")),
+               str(result_file.with_name(stem + "-ema.safetensors"))]
+    done = bench(tmp_path, "--eval-only", *weights)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client, (_, evaluated) = runs(tmp_path)
+    assert evaluated.info.status == "FINISHED"
+    assert evaluated.data.tags["clipgs.benchmark_mode"] == "eval-only"
+    m = evaluated.data.metrics
+    assert {"run0.zeroshot_top1", "run1.zeroshot_top1", "zeroshot_top1_ensemble"} <= set(m)
+    # the same weights on the same seed's test subset give the same figure as training's
+    assert m["run0.zeroshot_top1"] == pytest.approx(res["zeroshot_top1"])
+    plots = {a.path for a in client.list_artifacts(evaluated.info.run_id, "plots")}
+    assert plots == {"plots/run0.confusion_matrix.png", "plots/run1.confusion_matrix.png"}
+
+    # weights of another model configuration: a one-line error, and the run is FAILED
+    done = bench(tmp_path, "--eval-only", weights[0], "--position-colour-only")
+    assert done.returncode != 0
+    assert "does not fit the model these flags build" in done.stderr
+    _, (*_, failed) = runs(tmp_path)
+    assert failed.info.status == "FAILED"
