@@ -21,7 +21,8 @@ stochastic depth 0.2 over the transformer blocks (--drop-path, Uni3D's; 0 before
 DROP_PATH below). --ema 0.999 also evaluates a moving average of the weights, --votes 5 also
 reports test-time voting; the headline is always the final weights on one subset. Each run
 writes its result JSON and the encoder's weights (.safetensors; -ema.safetensors with --ema)
-under the workdir.
+under the workdir, and is an MLflow run (benchmarks/_modelnet10_mlflow.py; --mlflow URI, 'none'
+to turn it off): params, the live training curve, the figures, plots and those files.
 
 What is real: the project's tokenizer (group_torch for training batches, group_numpy - the
 package's path - for evaluation), GSEncoder, ClipGSLoss and the evaluation metrics of
