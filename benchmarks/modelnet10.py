@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from benchmarks._modelnet10_cache import load_cache, log, teacher_view_checks
@@ -210,6 +211,41 @@ def result_path(args) -> Path:
     return Path(args.workdir) / f"{name}-{digest}.json"
 
 
+def eval_only(args, cache: dict, teacher: Teacher, model_cfg: ModelConfig,
+              tracker: BenchmarkRun | None) -> dict:
+    """--eval-only: each weight file's figures on --seed's test subset; with several, also the
+    ensemble of their embeddings. A file that is missing, not safetensors, or of another
+    model configuration is a one-line error naming it."""
+    encoders, results = [], {}
+    for path in args.eval_only:
+        encoder = GSEncoder(model_cfg, cache["txt_emb"].shape[1])
+        try:
+            weights = load_file(path)
+        except (OSError, SafetensorError) as e:
+            raise SystemExit(f"{path}: cannot read it as safetensors weights: {e}")
+        try:
+            encoder.load_state_dict(weights)
+        except RuntimeError as e:  # shapes or keys of another model configuration
+            raise SystemExit(f"{path}: does not fit the model these flags build (pass "
+                             f"the run's own --groups/--position-colour-only/...): {e}")
+        results[path] = evaluate(encoder, cache, teacher, args, teacher_checks=not results)
+        encoders.append(encoder)
+    shown = {path: {k: v for k, v in r.items() if k != "confusion"}
+             for path, r in results.items()}
+    if len(encoders) == 1:
+        only = args.eval_only[0]
+        print(json.dumps(shown[only], indent=1))
+        if tracker:
+            tracker.finish({"": results[only]}, [])
+        return results[only]
+    ensemble = ensemble_top1(encoders, cache, teacher, args)
+    print(json.dumps({**shown, "zeroshot_top1_ensemble": ensemble}, indent=1))
+    if tracker:  # each file's figures under its index: run0.zeroshot_top1, ...
+        tracker.finish({f"run{i}.": r for i, r in enumerate(results.values())}, [],
+                       extra={"zeroshot_top1_ensemble": ensemble})
+    return {"runs": results, "zeroshot_top1_ensemble": ensemble}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--image-loss", choices=["vote", "random", "mean"], default="vote",
@@ -337,33 +373,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.eval_only:
         tracker = BenchmarkRun(uri, args.experiment, "eval-" + Path(args.eval_only[0]).stem,
                                args, "eval-only") if uri else None
-        encoders, results = [], {}
-        for path in args.eval_only:
-            encoder = GSEncoder(model_cfg, cache["txt_emb"].shape[1])
-            try:
-                encoder.load_state_dict(load_file(path))
-            except RuntimeError as e:  # shapes or keys of another model configuration
-                if tracker:
-                    tracker.fail()
-                raise SystemExit(f"{path}: does not fit the model these flags build (pass "
-                                 f"the run's own --groups/--position-colour-only/...): {e}")
-            results[path] = evaluate(encoder, cache, teacher, args,
-                                     teacher_checks=not results)
-            encoders.append(encoder)
-        shown = {path: {k: v for k, v in r.items() if k != "confusion"}
-                 for path, r in results.items()}
-        if len(encoders) == 1:
-            only = args.eval_only[0]
-            print(json.dumps(shown[only], indent=1))
+        try:
+            return eval_only(args, cache, teacher, model_cfg, tracker)
+        except BaseException:  # a bad file, an error or ^C: the run must not stay RUNNING
             if tracker:
-                tracker.finish({"": results[only]}, [])
-            return results[only]
-        ensemble = ensemble_top1(encoders, cache, teacher, args)
-        print(json.dumps({**shown, "zeroshot_top1_ensemble": ensemble}, indent=1))
-        if tracker:  # each file's figures under its index: run0.zeroshot_top1, ...
-            tracker.finish({f"run{i}.": r for i, r in enumerate(results.values())}, [],
-                           extra={"zeroshot_top1_ensemble": ensemble})
-        return {"runs": results, "zeroshot_top1_ensemble": ensemble}
+                tracker.fail()
+            raise
     if args.precision == "auto":
         t_probe = time.time()
         timings = time_precisions(model, cache, args)

@@ -87,3 +87,9 @@ def test_modelnet10_benchmark_logs_to_mlflow(tmp_path, shared_data):
     assert "does not fit the model these flags build" in done.stderr
     _, (*_, failed) = runs(tmp_path)
     assert failed.info.status == "FAILED"
+    # a file that is not there: named in one line, and that run FAILED too
+    done = bench(tmp_path, "--eval-only", str(tmp_path / "missing.safetensors"))
+    assert done.returncode != 0
+    assert "missing.safetensors: cannot read it as safetensors weights" in done.stderr
+    _, every = runs(tmp_path)
+    assert [r.info.status for r in every] == ["FINISHED", "FINISHED", "FAILED", "FAILED"]
