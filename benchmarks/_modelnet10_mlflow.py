@@ -73,6 +73,19 @@ def curves_figure(history: list[dict]):
     return fig
 
 
+def open_run(uri: str | None, experiment: str, name: str, args, mode: str):
+    """The run, or None when tracking is off; a tracking URI MLflow cannot use is a one-line
+    error before any work is done."""
+    if uri is None:
+        return None
+    try:
+        return BenchmarkRun(uri, experiment, name, args, mode)
+    except Exception as exc:  # noqa: BLE001 - any store error: say which URI, stop
+        raise SystemExit(f"--mlflow {uri}: cannot open an MLflow run there "
+                         f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}); "
+                         "pass another URI, or --mlflow none") from exc
+
+
 class BenchmarkRun:
     """One benchmark invocation as one MLflow run (experiment ``--experiment``)."""
 

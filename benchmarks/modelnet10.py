@@ -48,7 +48,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from benchmarks._modelnet10_cache import load_cache, log, teacher_view_checks
-from benchmarks._modelnet10_mlflow import BenchmarkRun, tracking_uri
+from benchmarks._modelnet10_mlflow import BenchmarkRun, open_run, tracking_uri
 from benchmarks._modelnet10_train import Model, time_precisions, train
 from clipgs.config import EvalConfig, LossConfig, ModelConfig
 from clipgs.data.gaussians import resample
@@ -371,8 +371,8 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"loss: {loss_cfg.model_dump_json()}")
     uri = tracking_uri(args.mlflow)
     if args.eval_only:
-        tracker = BenchmarkRun(uri, args.experiment, "eval-" + Path(args.eval_only[0]).stem,
-                               args, "eval-only") if uri else None
+        tracker = open_run(uri, args.experiment, "eval-" + Path(args.eval_only[0]).stem, args,
+                           "eval-only")
         try:
             return eval_only(args, cache, teacher, model_cfg, tracker)
         except BaseException:  # a bad file, an error or ^C: the run must not stay RUNNING
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         timings, t_probe = None, 0.0
     out = result_path(args)
-    tracker = BenchmarkRun(uri, args.experiment, out.stem, args, "train") if uri else None
+    tracker = open_run(uri, args.experiment, out.stem, args, "train")
     try:
         t1 = time.time()
         history, ema = train(model, cache, args, on_log=tracker.progress if tracker else None)

@@ -93,3 +93,11 @@ def test_modelnet10_benchmark_logs_to_mlflow(tmp_path, shared_data):
     assert "missing.safetensors: cannot read it as safetensors weights" in done.stderr
     _, every = runs(tmp_path)
     assert [r.info.status for r in every] == ["FINISHED", "FINISHED", "FAILED", "FAILED"]
+
+
+def test_modelnet10_benchmark_bad_tracking_uri_fails_before_training(tmp_path, shared_data):
+    done = bench(tmp_path, "--steps", "2", "--mlflow", "bogus://nowhere")
+    assert done.returncode != 0
+    assert "--mlflow bogus://nowhere: cannot open an MLflow run there" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not list((tmp_path / "work").glob("result-*"))  # no training, no result
