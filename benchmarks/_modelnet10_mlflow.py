@@ -4,8 +4,8 @@ buffer, so a tracking outage never stalls training), then the final figures as m
 EMA weights' under ``ema.``, per-class zero-shot accuracy under ``class_acc.``), the confusion
 matrix and curves as images, the result JSON and the weights as artifacts.
 
-The run is opened before training, so a bad tracking URI fails in seconds, not after 12
-minutes; a failure while closing it is a warning - the result JSON and weights on disk are
+The run is opened first, before the cache, so a tracking URI MLflow cannot use is a one-line
+error in seconds, not after minutes of work; a failure while closing it is a warning - the result JSON and weights on disk are
 already written - and the run is marked FAILED rather than left looking complete.
 """
 
@@ -73,7 +73,7 @@ def curves_figure(history: list[dict]):
     return fig
 
 
-def open_run(uri: str | None, experiment: str, name: str, args, mode: str):
+def open_run(uri: str | None, experiment: str, name: str | None, args, mode: str):
     """The run, or None when tracking is off; a tracking URI MLflow cannot use is a one-line
     error before any work is done."""
     if uri is None:
@@ -89,7 +89,7 @@ def open_run(uri: str | None, experiment: str, name: str, args, mode: str):
 class BenchmarkRun:
     """One benchmark invocation as one MLflow run (experiment ``--experiment``)."""
 
-    def __init__(self, uri: str, experiment: str, name: str, args, mode: str):
+    def __init__(self, uri: str, experiment: str, name: str | None, args, mode: str):
         from clipgs.tracking import BufferedMetrics, git_commit, setup_mlflow
 
         self.mlflow = mlflow = setup_mlflow(uri, experiment)
@@ -99,7 +99,13 @@ class BenchmarkRun:
                          "clipgs.benchmark_mode": mode, "clipgs.git_commit": git_commit()})
         self.metrics = BufferedMetrics(self.run_id, uri)
         self.uri = uri
-        log(f"MLflow: run {self.run_id} ({name}) in experiment {experiment!r} at {uri}")
+        log(f"MLflow: run {self.run_id} in experiment {experiment!r} at {uri}")
+
+    def name(self, name: str, precision: str) -> None:
+        """A training run's name (its result file's) and precision, known after the probe."""
+        self.metrics.client.update_run(self.run_id, name=name)
+        self.mlflow.log_param("precision_chosen", precision)
+        log(f"MLflow: run {self.run_id} is {name}")
 
     def progress(self, row: dict) -> None:
         self.metrics.log({k: row[k] for k in CURVE if k in row}, row["step"])

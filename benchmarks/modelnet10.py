@@ -348,6 +348,21 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if not (args.steps or args.epochs or args.minutes):
         p.error("--epochs 0 and --minutes 0 leave the run no length; give one, or --steps")
+    # the MLflow run opens first, so a tracking URI MLflow cannot use fails now, not after the
+    # cache; a training run takes its result file's name once the precision is chosen
+    tracker = None if args.cache_only else open_run(
+        tracking_uri(args.mlflow), args.experiment,
+        "eval-" + Path(args.eval_only[0]).stem if args.eval_only else None, args,
+        "eval-only" if args.eval_only else "train")
+    try:
+        return run(args, tracker)
+    except BaseException:  # a bad file, an error or ^C: the run must not be left RUNNING
+        if tracker:
+            tracker.fail()
+        raise
+
+
+def run(args, tracker: BenchmarkRun | None) -> dict:
     torch.manual_seed(args.seed)
     t0 = time.time()
     torch.set_num_threads(args.threads)
@@ -369,16 +384,8 @@ def main(argv: list[str] | None = None) -> dict:
     n_params = sum(p.numel() for p in model.encoder.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters; {model_cfg.model_dump_json()}")
     log(f"loss: {loss_cfg.model_dump_json()}")
-    uri = tracking_uri(args.mlflow)
     if args.eval_only:
-        tracker = open_run(uri, args.experiment, "eval-" + Path(args.eval_only[0]).stem, args,
-                           "eval-only")
-        try:
-            return eval_only(args, cache, teacher, model_cfg, tracker)
-        except BaseException:  # a bad file, an error or ^C: the run must not stay RUNNING
-            if tracker:
-                tracker.fail()
-            raise
+        return eval_only(args, cache, teacher, model_cfg, tracker)
     if args.precision == "auto":
         t_probe = time.time()
         timings = time_precisions(model, cache, args)
@@ -390,31 +397,27 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         timings, t_probe = None, 0.0
     out = result_path(args)
-    tracker = open_run(uri, args.experiment, out.stem, args, "train")
-    try:
-        t1 = time.time()
-        history, ema = train(model, cache, args, on_log=tracker.progress if tracker else None)
-        t_train = time.time() - t1
-        res = evaluate(model.encoder, cache, teacher, args)
-        if ema is not None:
-            averaged = GSEncoder(model_cfg, cache["txt_emb"].shape[1])
-            averaged.load_state_dict(ema)
-            averaged_res = evaluate(averaged, cache, teacher, args, teacher_checks=False)
-            res["ema"] = {k: v for k, v in averaged_res.items() if k != "confusion"}
-        res.update(precision=args.precision, precision_probe_ms=timings)
-        res.update(cache_s=round(t_cache), probe_s=round(t_probe, 1), train_s=round(t_train),
-                   total_s=round(time.time() - t0), params=n_params, argv=vars(args),
-                   train=history[-1], last_log=history[-2] if len(history) > 1 else None)
-        out.write_text(json.dumps({"result": res, "history": history}, indent=1))
-        files = [out, out.with_suffix(".safetensors")]
-        save_file(model.encoder.state_dict(), files[1])
-        if ema is not None:
-            files.append(out.with_name(out.stem + "-ema.safetensors"))
-            save_file(ema, files[2])
-    except BaseException:  # an error or ^C: the MLflow run must not be left RUNNING
-        if tracker:
-            tracker.fail()
-        raise
+    if tracker:
+        tracker.name(out.stem, args.precision)
+    t1 = time.time()
+    history, ema = train(model, cache, args, on_log=tracker.progress if tracker else None)
+    t_train = time.time() - t1
+    res = evaluate(model.encoder, cache, teacher, args)
+    if ema is not None:
+        averaged = GSEncoder(model_cfg, cache["txt_emb"].shape[1])
+        averaged.load_state_dict(ema)
+        averaged_res = evaluate(averaged, cache, teacher, args, teacher_checks=False)
+        res["ema"] = {k: v for k, v in averaged_res.items() if k != "confusion"}
+    res.update(precision=args.precision, precision_probe_ms=timings)
+    res.update(cache_s=round(t_cache), probe_s=round(t_probe, 1), train_s=round(t_train),
+               total_s=round(time.time() - t0), params=n_params, argv=vars(args),
+               train=history[-1], last_log=history[-2] if len(history) > 1 else None)
+    out.write_text(json.dumps({"result": res, "history": history}, indent=1))
+    files = [out, out.with_suffix(".safetensors")]
+    save_file(model.encoder.state_dict(), files[1])
+    if ema is not None:
+        files.append(out.with_name(out.stem + "-ema.safetensors"))
+        save_file(ema, files[2])
     if tracker:
         tracker.finish({"": res}, files, history)
     print(json.dumps({k: v for k, v in res.items() if k not in ("confusion", "argv")},
@@ -428,7 +431,6 @@ def main(argv: list[str] | None = None) -> dict:
         + f"; total {res['total_s'] / 60:.1f} min "
         f"(cache {t_cache / 60:.1f}, train {t_train / 60:.1f}); written {out}")
     return res
-
 
 if __name__ == "__main__":
     main()

@@ -46,6 +46,7 @@ def test_modelnet10_benchmark_logs_to_mlflow(tmp_path, shared_data):
     assert run.info.run_name == result_file.stem
     assert run.data.tags["clipgs.benchmark_mode"] == "train"
     assert run.data.params["steps"] == "6" and run.data.params["ema"] == "0.9"
+    assert run.data.params["precision_chosen"] == "fp32"
     m = run.data.metrics
     assert m["zeroshot_top1"] == pytest.approx(res["zeroshot_top1"])
     assert m["ema.zeroshot_top1"] == pytest.approx(res["ema"]["zeroshot_top1"])
@@ -95,9 +96,9 @@ def test_modelnet10_benchmark_logs_to_mlflow(tmp_path, shared_data):
     assert [r.info.status for r in every] == ["FINISHED", "FINISHED", "FAILED", "FAILED"]
 
 
-def test_modelnet10_benchmark_bad_tracking_uri_fails_before_training(tmp_path, shared_data):
+def test_modelnet10_benchmark_bad_tracking_uri_fails_first(tmp_path, shared_data):
     done = bench(tmp_path, "--steps", "2", "--mlflow", "bogus://nowhere")
     assert done.returncode != 0
     assert "--mlflow bogus://nowhere: cannot open an MLflow run there" in done.stderr
     assert "Traceback" not in done.stderr
-    assert not list((tmp_path / "work").glob("result-*"))  # no training, no result
+    assert not (tmp_path / "work").exists()  # it stopped before the cache, let alone training
