@@ -94,10 +94,14 @@ class BenchmarkRun:
 
         self.mlflow = mlflow = setup_mlflow(uri, experiment)
         self.run_id = mlflow.start_run(run_name=name).info.run_id
-        mlflow.log_params({k: str(v)[:500] for k, v in sorted(vars(args).items())})
-        mlflow.set_tags({"clipgs.stage": "benchmark", "clipgs.benchmark": "modelnet10",
-                         "clipgs.benchmark_mode": mode, "clipgs.git_commit": git_commit()})
-        self.metrics = BufferedMetrics(self.run_id, uri)
+        try:
+            mlflow.log_params({k: str(v)[:500] for k, v in sorted(vars(args).items())})
+            mlflow.set_tags({"clipgs.stage": "benchmark", "clipgs.benchmark": "modelnet10",
+                             "clipgs.benchmark_mode": mode, "clipgs.git_commit": git_commit()})
+            self.metrics = BufferedMetrics(self.run_id, uri)
+        except Exception:
+            mlflow.end_run("FAILED")  # started, then refused: not left RUNNING
+            raise
         self.uri = uri
         log(f"MLflow: run {self.run_id} in experiment {experiment!r} at {uri}")
 
