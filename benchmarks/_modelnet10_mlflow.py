@@ -5,8 +5,10 @@ EMA weights' under ``ema.``, per-class zero-shot accuracy under ``class_acc.``),
 matrix and curves as images, the result JSON and the weights as artifacts.
 
 The run is opened first, before the cache, so a tracking URI MLflow cannot use is a one-line
-error in seconds, not after minutes of work; a failure while closing it is a warning - the result JSON and weights on disk are
-already written - and the run is marked FAILED rather than left looking complete.
+error in seconds, not after minutes of work (runs started side by side on a new sqlite file
+set it up one at a time: clipgs.tracking.setup_mlflow); a failure while closing it is a
+warning - the result JSON and weights on disk are already written - and the run is marked
+FAILED rather than left looking complete.
 """
 
 from __future__ import annotations
@@ -81,9 +83,10 @@ def open_run(uri: str | None, experiment: str, name: str | None, args, mode: str
     try:
         return BenchmarkRun(uri, experiment, name, args, mode)
     except Exception as exc:  # noqa: BLE001 - any store error: say which URI, stop
-        raise SystemExit(f"--mlflow {uri}: cannot open an MLflow run there "
-                         f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}); "
-                         "pass another URI, or --mlflow none") from exc
+        raise SystemExit(
+            f"--mlflow {uri}: cannot open an MLflow run there ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0][:300]}); pass another URI, or --mlflow "
+            "none") from exc
 
 
 class BenchmarkRun:
@@ -92,22 +95,27 @@ class BenchmarkRun:
     def __init__(self, uri: str, experiment: str, name: str | None, args, mode: str):
         from clipgs.tracking import BufferedMetrics, git_commit, setup_mlflow
 
+        from mlflow import MlflowClient
+
         self.mlflow = mlflow = setup_mlflow(uri, experiment)
+        self.client = MlflowClient(uri)
         self.run_id = mlflow.start_run(run_name=name).info.run_id
         try:
-            mlflow.log_params({k: str(v)[:500] for k, v in sorted(vars(args).items())})
+            # not the tracking URI itself: it is where the run is, and may carry credentials
+            mlflow.log_params({k: str(v)[:500] for k, v in sorted(vars(args).items())
+                               if k != "mlflow"})
             mlflow.set_tags({"clipgs.stage": "benchmark", "clipgs.benchmark": "modelnet10",
                              "clipgs.benchmark_mode": mode, "clipgs.git_commit": git_commit()})
             self.metrics = BufferedMetrics(self.run_id, uri)
-        except Exception:
-            mlflow.end_run("FAILED")  # started, then refused: not left RUNNING
+        except BaseException:  # started, then refused or interrupted: not left RUNNING
+            self._terminate("FAILED")
             raise
         self.uri = uri
         log(f"MLflow: run {self.run_id} in experiment {experiment!r} at {uri}")
 
     def name(self, name: str, precision: str) -> None:
         """A training run's name (its result file's) and precision, known after the probe."""
-        self.metrics.client.update_run(self.run_id, name=name)
+        self.client.update_run(self.run_id, name=name)
         self.mlflow.log_param("precision_chosen", precision)
         log(f"MLflow: run {self.run_id} is {name}")
 
@@ -149,6 +157,17 @@ class BenchmarkRun:
         """Close the run as FAILED (training raised, or the run's own finishing did)."""
         try:
             self.metrics.close(10)
-            self.mlflow.end_run("FAILED")
+        finally:
+            self._terminate("FAILED")
+
+    def _terminate(self, status: str) -> None:
+        """Set the status through the client: the fluent end_run forgets the active run
+        before it writes the status, so after a failed end_run("FINISHED") it does nothing."""
+        try:
+            self.client.set_terminated(self.run_id, status)
         except Exception as exc:  # noqa: BLE001 - reporting, not masking, the first error
-            log(f"MLflow: could not mark run {self.run_id} FAILED ({exc})")
+            log(f"MLflow: could not mark run {self.run_id} {status} ({exc})")
+        try:
+            self.mlflow.end_run(status)  # and clear this process's active run, if still set
+        except Exception:  # noqa: BLE001, S110 - the status is written above, or reported
+            pass

@@ -39,6 +39,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -354,12 +356,16 @@ def main(argv: list[str] | None = None) -> dict:
         tracking_uri(args.mlflow), args.experiment,
         "eval-" + Path(args.eval_only[0]).stem if args.eval_only else None, args,
         "eval-only" if args.eval_only else "train")
+    # SIGTERM (a scheduler, `timeout`) as an exception, so the guard below runs for it too
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     try:
         return run(args, tracker)
-    except BaseException:  # a bad file, an error or ^C: the run must not be left RUNNING
+    except BaseException:  # a bad file, an error, ^C or SIGTERM: the run must not stay RUNNING
         if tracker:
             tracker.fail()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run(args, tracker: BenchmarkRun | None) -> dict:

@@ -21,12 +21,33 @@ def git_commit() -> str:
         return "unknown"
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI (None for any other store)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri[len("sqlite:///"):].split("?", 1)[0])
+
+
 def setup_mlflow(tracking_uri: str, experiment: str | None = None):
+    """Point MLflow at the store (and the experiment). A new sqlite store creates its tables
+    on first use, and processes started together race to: a half-done migration leaves the
+    file unusable for all of them (``table _alembic_tmp_latest_metrics already exists``). So on
+    sqlite one process at a time (a lock file beside the database) sets the store up and
+    creates the experiment."""
     import mlflow
+    from filelock import FileLock
 
     mlflow.set_tracking_uri(tracking_uri)
-    if experiment:
-        mlflow.set_experiment(experiment)
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        if experiment:
+            mlflow.set_experiment(experiment)
+        return mlflow
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock"):
+        mlflow.MlflowClient(tracking_uri).search_experiments(max_results=1)  # tables, once
+        if experiment:
+            mlflow.set_experiment(experiment)
     return mlflow
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,14 +19,17 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bench(tmp: Path, *flags: str) -> subprocess.CompletedProcess:
+def command(tmp: Path, *flags: str) -> tuple[list[str], dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run(
-        [sys.executable, "-m", "benchmarks.modelnet10", "--limit", "40", "--threads", "1",
-         "--precision", "fp32", "--workdir", str(tmp / "work"), "--mlflow",
-         f"sqlite:///{tmp / 'mlflow.db'}", *flags],
-        cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    return ([sys.executable, "-m", "benchmarks.modelnet10", "--limit", "40", "--threads", "1",
+             "--precision", "fp32", "--workdir", str(tmp / "work"), "--mlflow",
+             f"sqlite:///{tmp / 'mlflow.db'}", *flags], env)
+
+
+def bench(tmp: Path, *flags: str) -> subprocess.CompletedProcess:
+    cmd, env = command(tmp, *flags)
+    return subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
 
 
 def runs(tmp: Path) -> list:
@@ -47,6 +52,7 @@ def test_modelnet10_benchmark_logs_to_mlflow(tmp_path, shared_data):
     assert run.data.tags["clipgs.benchmark_mode"] == "train"
     assert run.data.params["steps"] == "6" and run.data.params["ema"] == "0.9"
     assert run.data.params["precision_chosen"] == "fp32"
+    assert "mlflow" not in run.data.params  # the tracking URI may carry credentials
     m = run.data.metrics
     assert m["zeroshot_top1"] == pytest.approx(res["zeroshot_top1"])
     assert m["ema.zeroshot_top1"] == pytest.approx(res["ema"]["zeroshot_top1"])
@@ -102,3 +108,36 @@ def test_modelnet10_benchmark_bad_tracking_uri_fails_first(tmp_path, shared_data
     assert "--mlflow bogus://nowhere: cannot open an MLflow run there" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "work").exists()  # it stopped before the cache, let alone training
+
+
+def test_modelnet10_benchmark_sigterm_marks_the_run_failed(tmp_path, shared_data):
+    """A scheduler's SIGTERM in the middle of training: the run is FAILED, not RUNNING."""
+    cmd, env = command(tmp_path, "--steps", "100000", "--log-every", "1")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    for line in proc.stdout:  # until training has logged a few steps
+        if " step 3 " in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    _, (run,) = runs(tmp_path)
+    assert run.info.status == "FAILED"
+    assert not list((tmp_path / "work").glob("result-*.json"))  # no result looks complete
+
+
+def test_modelnet10_runs_started_together_on_a_new_store_all_open(tmp_path):
+    """Ablations started side by side on a fresh sqlite file race to create its tables and
+    the experiment; opening retries, so every one of them gets its run."""
+    code = ("import argparse, sys; from benchmarks._modelnet10_mlflow import open_run; "
+            "r = open_run(sys.argv[1], 'benchmark-modelnet10', None, "
+            "argparse.Namespace(seed=0), 'train'); r.finish({}, [])")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", code, f"sqlite:///{tmp_path / 'mlflow.db'}"],
+                              cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    errors = [p.communicate(timeout=180)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errors
+    _, every = runs(tmp_path)
+    assert [r.info.status for r in every] == ["FINISHED"] * 4
