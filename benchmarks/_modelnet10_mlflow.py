@@ -14,24 +14,24 @@ FAILED rather than left looking complete.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks._modelnet10_cache import log
 from clipgs.data.sources import MODELNET10_CLASSES
+from clipgs.eval.metrics import per_class_accuracy
+from clipgs.tracking import tracking_uri as platform_tracking_uri
 
 CURVE = ("loss", "loss_text", "loss_image", "scale", "lr", "epochs")
-DEFAULT_TRACKING = "sqlite:///mlflow.db"  # the platform's embedded default (clipgs.cli)
 
 
 def tracking_uri(flag: str | None) -> str | None:
-    """--mlflow: a URI, 'none' (no tracking), or unset: MLFLOW_TRACKING_URI, else the
-    platform's sqlite:///mlflow.db in the working folder."""
+    """--mlflow: a URI, 'none' (no tracking), or unset: the platform's default
+    (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working folder)."""
     if flag and flag.lower() == "none":
         return None
-    return flag or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING
+    return platform_tracking_uri(flag)
 
 
 def flat_metrics(res: dict, prefix: str = "") -> dict[str, float]:
@@ -44,10 +44,8 @@ def flat_metrics(res: dict, prefix: str = "") -> dict[str, float]:
         elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             out[prefix + k] = float(v)
     if "confusion" in res:
-        confusion = np.asarray(res["confusion"])
-        for c, name in enumerate(MODELNET10_CLASSES):
-            if confusion[c].sum():
-                out[f"{prefix}class_acc.{name}"] = float(confusion[c, c] / confusion[c].sum())
+        per_class = per_class_accuracy(np.asarray(res["confusion"]), list(MODELNET10_CLASSES))
+        out.update({f"{prefix}class_acc.{name}": acc for name, acc in per_class.items()})
     return out
 
 

@@ -57,7 +57,7 @@ from clipgs.data.gaussians import resample
 from clipgs.data.sources import MODELNET10_CLASSES
 from clipgs.eval.evaluate import class_embeddings
 from clipgs.eval.fewshot import linear_probe_episodes
-from clipgs.eval.metrics import retrieval_metrics, topk_accuracy
+from clipgs.eval.metrics import confusion_matrix, retrieval_metrics, topk_accuracy
 from clipgs.models.encoder import GSEncoder
 from clipgs.models.teacher import Teacher, TeacherConfig
 from clipgs.models.tokenizer import fps_numpy, group_numpy, group_torch
@@ -151,9 +151,7 @@ def evaluate(encoder: GSEncoder, cache: dict, teacher: Teacher, args,
         for _ in range(args.votes - 1):
             voted += embed(encoder, draw(), args)
         res[f"zeroshot_top1_votes{args.votes}"] = topk_accuracy(voted @ text.T, labels, 1)
-    confusion = np.zeros((10, 10), int)
-    np.add.at(confusion, (labels, logits.argmax(1)), 1)
-    res["confusion"] = confusion.tolist()
+    res["confusion"] = confusion_matrix(labels, logits.argmax(1), 10).tolist()
     probe = linear_probe_episodes(g, labels, way=10, shot=10, episodes=10, seed=args.seed)
     res.update(probe or {})
     emb = {"g": g, "txt": cache["txt_emb"][labels], "img": cache["img_emb"][valid, 0]}

@@ -11,11 +11,11 @@ import sys
 
 from clipgs.errors import ClipgsError
 
-DEFAULT_TRACKING = "sqlite:///mlflow.db"
+from clipgs.tracking import DEFAULT_TRACKING, tracking_uri
 
 
 def _tracking(args) -> str:
-    return args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING
+    return tracking_uri(args.tracking_uri)
 
 
 def cmd_inspect(args) -> int:

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from clipgs.errors import ConfigError
 from clipgs.models.teacher import TeacherConfig
+from clipgs.tracking import tracking_uri as default_tracking_uri
 
 
 class _Strict(BaseModel):
@@ -124,8 +125,7 @@ class LossConfig(_Strict):
 
 class TrackingConfig(_Strict):
     # the standard MLFLOW_TRACKING_URI wins over the embedded default (a cluster sets it)
-    tracking_uri: str = Field(default_factory=lambda: os.environ.get(
-        "MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    tracking_uri: str = Field(default_factory=default_tracking_uri)
     experiment: str = "clipgs"
     run_name: str | None = None
     system_metrics: bool = Field(True, description="CPU/GPU/memory/network of rank 0's node")

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import os
 import subprocess
 import threading
 import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+# the embedded store: sqlite in the working folder (platform.md's default deployment)
+DEFAULT_TRACKING = "sqlite:///mlflow.db"
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    """An explicit URI, else the standard MLFLOW_TRACKING_URI (set on a cluster), else the
+    embedded sqlite store in the working folder."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING
 
 
 def git_commit() -> str:
@@ -39,13 +50,11 @@ def setup_mlflow(tracking_uri: str, experiment: str | None = None):
 
     mlflow.set_tracking_uri(tracking_uri)
     db = sqlite_path(tracking_uri)
-    if db is None:
-        if experiment:
-            mlflow.set_experiment(experiment)
-        return mlflow
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{db}.lock"):
-        mlflow.MlflowClient(tracking_uri).search_experiments(max_results=1)  # tables, once
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{db}.lock") if db is not None else contextlib.nullcontext():
+        if db is not None:
+            mlflow.MlflowClient(tracking_uri).search_experiments(max_results=1)  # tables, once
         if experiment:
             mlflow.set_experiment(experiment)
     return mlflow

@@ -15,16 +15,11 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
 
 from clipgs.config import EvalConfig, IngestConfig, PromoteConfig, TrainConfig, to_yaml
+from clipgs.tracking import tracking_uri
 from flows.kube import KubeTrainConfig
 from flows.retry import TRANSIENT_IO
 
-DEFAULT_TRACKING = "sqlite:///mlflow.db"
-
-
-def tracking(uri: str | None) -> str:
-    """An explicit URI, else the standard MLFLOW_TRACKING_URI (set on the cluster), else the
-    embedded sqlite store in the working folder."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING
+tracking = tracking_uri  # an explicit URI, else MLFLOW_TRACKING_URI, else the sqlite store
 
 
 # ---- ingest -------------------------------------------------------------------------------
