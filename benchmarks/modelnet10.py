@@ -184,6 +184,7 @@ def result_path(args) -> Path:
                                          ("fp32", args.precision == "fp32"),
                                          (f"imgw{args.image_weight:g}", args.image_weight != 1),
                                          ("txt-prompts", args.text_target == "prompts"),
+                                         ("same-text", args.text_positives == "same_text"),
                                          (f"lr{args.lr:g}", args.lr != 1e-3),
                                          (f"aug{args.scale_augment:g}",
                                           args.scale_augment != 1),
@@ -207,6 +208,8 @@ def result_path(args) -> Path:
     name = f"result-{ablation or 'full'}-{length}-seed{args.seed}"
     # where a run is tracked does not change what it computes (nor its earlier file names)
     flags = {k: v for k, v in vars(args).items() if k not in ("mlflow", "experiment")}
+    if flags.get("text_positives") == "index":  # added in stop 23: earlier names unchanged
+        del flags["text_positives"]
     digest = hashlib.sha1(json.dumps(flags, sort_keys=True).encode()).hexdigest()[:6]
     return Path(args.workdir) / f"{name}-{digest}.json"
 
@@ -256,6 +259,11 @@ def main(argv: list[str] | None = None) -> dict:
                    "model of a <class>', as ingestion writes it) or the class's prompt "
                    "ensemble, the text side zero-shot evaluation scores against (ULIP's "
                    "templates for class-name-only data; stop 21: no gain over five seeds)")
+    p.add_argument("--text-positives", choices=["index", "same_text"], default="index",
+                   help="the text->3D half of the text loss: per object with only itself "
+                   "positive (index, method.md 5), or once per distinct caption with every "
+                   "object sharing it positive (same_text, UniCL): ModelNet's 10 captions "
+                   "repeat ~6 times in a batch of 64")
     p.add_argument("--position-colour-only", action="store_true",
                    help="ablation: GS tokenizer without branch 2 (14 attributes)")
     p.add_argument("--no-serialization", action="store_true", help="ablation: no token orders")
@@ -383,7 +391,8 @@ def run(args, tracker: BenchmarkRun | None) -> dict:
                             serialization=() if args.no_serialization else
                             ModelConfig().serialization)
     loss_cfg = LossConfig(image_views=args.image_loss, image_weight=args.image_weight,
-                          logit_scale_max=args.logit_scale_max)
+                          logit_scale_max=args.logit_scale_max,
+                          text_positives=args.text_positives)
     model = Model(model_cfg, loss_cfg, cache["txt_emb"].shape[1])
     n_params = sum(p.numel() for p in model.encoder.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters; {model_cfg.model_dump_json()}")

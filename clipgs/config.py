@@ -119,6 +119,12 @@ class LossConfig(_Strict):
         "softmax", description="vote: softmax(cos / vote_temperature) over the K views, or "
         "linear: max(cos, 0) / sum")
     vote_temperature: float = Field(0.05, gt=0)
+    text_positives: Literal["index", "same_text"] = Field(
+        "index", description="the text->3D half of the text loss: index = each object's "
+        "caption against the batch with only its own object positive (method.md 5); "
+        "same_text = once per distinct caption in the global batch, every object sharing it "
+        "positive (UniCL), so repeated captions are neither false negatives nor repeated "
+        "rows. The two are equal when no caption repeats")
     logit_scale_init: float = 14.285714  # 1 / 0.07, as CLIP
     logit_scale_max: float = 100.0
 

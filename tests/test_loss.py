@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from clipgs.config import LossConfig
-from clipgs.train.loss import ClipGSLoss, contrastive, view_weights
+from clipgs.train.loss import ClipGSLoss, contrastive, contrastive_shared_text, view_weights
 
 
 def nll(logits: torch.Tensor, target: int) -> float:
@@ -37,6 +37,37 @@ def test_contrastive_matches_hand_computation():
     w = torch.tensor([0.25, 1.5])
     assert contrastive(a, b, s, w).item() == pytest.approx((0.25 * row0 + 1.5 * row1) / 2,
                                                            rel=1e-6)
+
+
+def test_shared_text_matches_hand_computation_with_a_repeated_caption():
+    """text_positives=same_text: 3D->text as before (the repeated caption's columns both
+    count); text->3D once per distinct caption, -mean log p over the objects sharing it."""
+    a = F.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]), dim=-1)
+    t0, t1 = [1.0, 0.0], [0.6, 0.8]
+    b = torch.tensor([t0, t0, t1])
+    s = torch.tensor(3.0)
+    loss_a = sum(nll(s * a[i] @ b.T, i) for i in range(3)) / 3
+    caption0 = (nll(s * b[0] @ a.T, 0) + nll(s * b[0] @ a.T, 1)) / 2  # objects 0 and 1
+    caption1 = nll(s * b[2] @ a.T, 2)
+    expected = 0.5 * (loss_a + (caption0 + caption1) / 2)
+    assert contrastive_shared_text(a, b, s).item() == pytest.approx(expected, rel=1e-6)
+    # the paper's per-object rows differ here: caption 0 is a row twice, each time with the
+    # other object that shares it as a negative
+    assert contrastive(a, b, s).item() != pytest.approx(expected, rel=1e-3)
+    out = ClipGSLoss(LossConfig(text_positives="same_text"))(a * 2, b, b[:, None], s)
+    assert out["loss_text"].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_shared_text_equals_the_paper_loss_when_captions_are_unique():
+    torch.manual_seed(0)
+    a = F.normalize(torch.randn(16, 8), dim=-1).requires_grad_()
+    b = F.normalize(torch.randn(16, 8), dim=-1)
+    s = torch.tensor(7.0)
+    shared, plain = contrastive_shared_text(a, b, s), contrastive(a, b, s)
+    assert shared.item() == pytest.approx(plain.item(), rel=1e-6)
+    g1, = torch.autograd.grad(shared, a)
+    g2, = torch.autograd.grad(plain, a)
+    torch.testing.assert_close(g1, g2)
 
 
 def _views(cosines):
@@ -104,12 +135,12 @@ def test_loss_is_low_when_aligned_and_gradients_reach_only_the_3d_side():
     assert one["loss_image"].item() == pytest.approx(aligned["loss_image"].item(), abs=1e-4)
 
 
-def _rank(rank: int, world: int, port: int, g_all, t_all, img_all, queue):
+def _rank(rank: int, world: int, port: int, g_all, t_all, img_all, queue, cfg):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     n = len(g_all) // world
     g = g_all[rank * n:(rank + 1) * n].clone().requires_grad_()
-    out = ClipGSLoss(LossConfig(image_views="mean"))(g, t_all[rank * n:(rank + 1) * n],
+    out = ClipGSLoss(cfg)(g, t_all[rank * n:(rank + 1) * n],
                                                      img_all[rank * n:(rank + 1) * n],
                                                      torch.tensor(10.0))
     out["loss"].backward()
@@ -121,22 +152,27 @@ def _rank(rank: int, world: int, port: int, g_all, t_all, img_all, queue):
 
 
 @pytest.mark.slow
-def test_gathered_loss_equals_the_global_batch_loss():
+@pytest.mark.parametrize("positives", ["index", "same_text"])
+def test_gathered_loss_equals_the_global_batch_loss(positives):
     """2 gloo ranks with half the batch each: the negatives are the global batch, and the
-    gradient reaches each rank's features through the gather."""
+    gradient reaches each rank's features through the gather. With same_text, captions repeat
+    within and across the ranks (rank 1 holds caption 0 and 1 again, and caption 3 twice)."""
     from tests.conftest import free_port
 
     torch.manual_seed(0)
+    cfg = LossConfig(image_views="mean", text_positives=positives)
     g = torch.randn(8, 16)
     t = F.normalize(torch.randn(8, 16), dim=-1)
+    if positives == "same_text":
+        t = t[[0, 1, 0, 2, 1, 3, 0, 3]]
     img = F.normalize(torch.randn(8, 2, 16), dim=-1)
     ref_g = g.clone().requires_grad_()
-    ref = ClipGSLoss(LossConfig(image_views="mean"))(ref_g, t, img, torch.tensor(10.0))
+    ref = ClipGSLoss(cfg)(ref_g, t, img, torch.tensor(10.0))
     ref["loss"].backward()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, g, t, img, queue)) for r in range(2)]
+    procs = [ctx.Process(target=_rank, args=(r, 2, port, g, t, img, queue, cfg)) for r in range(2)]
     for p in procs:
         p.start()
     results = dict((r, (loss, grad)) for r, loss, grad in (queue.get(timeout=120)

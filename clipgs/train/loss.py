@@ -28,6 +28,10 @@ def _rank_offset(local: int) -> int:
     return 0
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def contrastive(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
                 weight: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE of local rows of ``a`` and ``b`` (normalised, [n, D]) against the
@@ -40,6 +44,35 @@ def contrastive(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
     if weight is None:
         return per_row.mean()
     return (per_row * weight).sum() / len(a)
+
+
+def contrastive_shared_text(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+                            tol: float = 1e-4) -> torch.Tensor:
+    """``contrastive`` for targets ``b`` that may repeat across the batch (class-name captions:
+    64 ModelNet objects share 10 captions), ``loss.text_positives=same_text``.
+
+    a->b as in ``contrastive``: a repeated caption's columns have equal logits, so its count
+    in the batch acts as a prior inside the softmax, and the logits learned are free of it.
+    b->a once per distinct caption of the global batch (cosine >= 1 - tol), every a that
+    shares it a positive, -mean log p over them (UniCL): with one row per object instead, a
+    caption repeated n times would push every other object away from it n times as hard, and
+    same-caption objects would be each other's negatives. Equal to ``contrastive`` when no
+    caption repeats. Each rank scores the distinct captions whose first occurrence it holds,
+    scaled so that the mean over ranks (DeepSpeed's gradient average) is the mean over all
+    distinct captions."""
+    all_a, all_b = gather_with_grad(a), gather_with_grad(b)
+    offset = _rank_offset(len(a))
+    target = torch.arange(len(a), device=a.device) + offset
+    loss_a = F.cross_entropy(scale * a @ all_b.T, target).float()
+    unit = F.normalize(all_b.detach().float(), dim=-1)
+    same = unit @ unit.T >= 1 - tol                                   # [N, N]
+    first = ~same.tril(-1).any(dim=1)                                 # no equal row before it
+    mine = first[offset:offset + len(a)]
+    positives = same[offset:offset + len(a)][mine].float()           # [r, N]
+    logp = F.log_softmax((scale * b[mine] @ all_a.T).float(), dim=1)
+    per_caption = -(logp * positives).sum(dim=1) / positives.sum(dim=1)
+    loss_b = per_caption.sum() * _world() / first.sum()
+    return 0.5 * (loss_a + loss_b)
 
 
 def view_weights(img: torch.Tensor, txt: torch.Tensor, config: LossConfig) -> torch.Tensor:
@@ -76,7 +109,8 @@ class ClipGSLoss(nn.Module):
                 scale: torch.Tensor) -> dict[str, torch.Tensor]:
         """g [n, D] 3DGS embeddings; txt [n, D]; img [n, K, D] teacher embeddings (unit norm)."""
         g = F.normalize(g, dim=-1)
-        text = contrastive(g, txt, scale)
+        text = (contrastive_shared_text(g, txt, scale)
+                if self.config.text_positives == "same_text" else contrastive(g, txt, scale))
         w = view_weights(img, txt, self.config)
         image = sum(contrastive(g, img[:, k], scale, w[:, k]) for k in range(img.shape[1]))
         total = self.config.text_weight * text + self.config.image_weight * image
