@@ -29,21 +29,24 @@ VALUE_SETS = {
     "cpu-one-node": {"train": {"enabled": True, "nodes": 1, "gpusPerNode": 0},
                      "worker": {"enabled": False}, "networkPolicy": {"enabled": False},
                      "serving": {"autoscaling": {"enabled": False, "minReplicas": 1,
-                                                 "maxReplicas": 1}, "replicas": 2}},
+                                                 "maxReplicas": 1}, "replicas": 2,
+                                 "podDisruptionBudget": {"enabled": True,
+                                                         "maxUnavailable": "50%"}}},
     "own-mlflow": {**OWN_MLFLOW, "s3": {"credentialsSecret": "s3-credentials"}},
 }
 KINDS = {
     "defaults": ["ConfigMap", "Deployment", "Deployment", "HorizontalPodAutoscaler",
-                 "NetworkPolicy", "NetworkPolicy", "Role", "RoleBinding", "Service",
+                 "NetworkPolicy", "NetworkPolicy", "PodDisruptionBudget", "Role", "RoleBinding", "Service",
                  "ServiceAccount"],
     "gpu-cluster": ["ConfigMap", "ConfigMap", "Deployment", "Deployment",
                     "HorizontalPodAutoscaler", "Job", "NetworkPolicy", "NetworkPolicy",
-                    "NetworkPolicy", "Role", "RoleBinding", "Service", "Service",
-                    "ServiceAccount"],
-    "cpu-one-node": ["ConfigMap", "Deployment", "Job", "Service", "Service"],
+                    "NetworkPolicy", "PodDisruptionBudget", "Role", "RoleBinding", "Service",
+                    "Service", "ServiceAccount"],
+    "cpu-one-node": ["ConfigMap", "Deployment", "Job", "PodDisruptionBudget", "Service",
+                     "Service"],
     "own-mlflow": ["ConfigMap", "Deployment", "Deployment", "Deployment", "HorizontalPodAutoscaler",
-                   "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "Role", "RoleBinding",
-                   "Service", "Service", "ServiceAccount"],
+                   "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "PodDisruptionBudget",
+                   "Role", "RoleBinding", "Service", "Service", "ServiceAccount"],
 }
 
 
@@ -142,6 +145,21 @@ def test_serving_worker_and_mlflow():
     assert any("jobs" in r["resources"] and "create" in r["verbs"] for r in rules)
 
 
+def test_serving_disruption_budget_selects_the_serving_pods():
+    for name, allowed in (("defaults", 1), ("cpu-one-node", "50%")):
+        docs = render(VALUE_SETS[name])
+        pdb = by_kind(docs, "PodDisruptionBudget")[0]["spec"]
+        pods = by_kind(docs, "Deployment", "-serving")[0]["spec"]["template"]["metadata"]
+        assert pdb["maxUnavailable"] == allowed
+        assert pdb["selector"]["matchLabels"].items() <= pods["labels"].items()
+        for other in by_kind(docs, "Deployment") + by_kind(docs, "Job"):  # serving's alone
+            if not other["metadata"]["name"].endswith("-serving"):
+                labels = other["spec"]["template"]["metadata"]["labels"]
+                assert not pdb["selector"]["matchLabels"].items() <= labels.items()
+    off = {"serving": {"podDisruptionBudget": {"enabled": False, "maxUnavailable": 1}}}
+    assert not by_kind(render(off), "PodDisruptionBudget")
+
+
 def test_lint():
     for values in (None, VALUE_SETS["gpu-cluster"], VALUE_SETS["own-mlflow"]):
         report = helm.lint(str(CHART), values, strict=True)
@@ -155,6 +173,8 @@ def test_lint():
     ({"train": {"config": {"zero_stage": 4}}}, "/train/config/zero_stage"),
     ({"trian": {"nodes": 2}}, "'trian' not allowed"),
     ({"serving": {"model": "clipgs"}}, "/serving/model"),
+    ({"serving": {"podDisruptionBudget": {"maxUnavailable": 0}}},
+     "/serving/podDisruptionBudget/maxUnavailable"),
     ({"worker": {"prefectApiUrl": "http://prefect:4200"}}, "/worker/prefectApiUrl"),
     ({"s3": {"credentialsSecret": "My Secret"}}, "/s3/credentialsSecret"),
     ({"podSecurityContext": {"runAsNonRoot": False}}, "/podSecurityContext/runAsNonRoot"),
