@@ -112,12 +112,34 @@ def test_evaluate_logs_metrics_and_plots(tiny_dataset, untrained, teacher, tmp_p
     client = mlflow.MlflowClient()
     plots = {a.path for a in client.list_artifacts(run_id, "plots")}
     assert plots == {"plots/confusion_matrix.png", "plots/retrieval_gallery.png",
-                     "plots/embedding_map.png"}
+                     "plots/retrieval_gallery_image.png", "plots/embedding_map.png"}
     local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="plots")
     from PIL import Image
 
-    with Image.open(f"{local}/retrieval_gallery.png") as im:
-        assert im.size[0] > 400 and im.size[1] > 300  # 3 query rows x 6 columns
+    for name in ("retrieval_gallery.png", "retrieval_gallery_image.png"):
+        with Image.open(f"{local}/{name}") as im:
+            assert im.size[0] > 400 and im.size[1] > 300  # 3 query rows x 6 columns
+
+
+def test_gallery_ranks_by_the_query_kind(tiny_dataset, untrained, teacher):
+    """The text gallery ranks by the caption, the image gallery by the first view's
+    embedding; a hit is right when it is the query's own object or of its class."""
+    from clipgs.eval.evaluate import evaluate, gallery
+
+    cfg = EvalConfig(fewshot_episodes=0, gallery_queries=0)
+    result = evaluate(str(untrained), str(tiny_dataset), cfg, teacher=teacher)
+    out = result["embeddings"]
+    for kind, source in (("text", out["txt"]), ("image", out["img"])):
+        gal = gallery(result, 4, 5, seed=1, query=kind)
+        assert len(set(out["labels"][q] for q in gal["query_objects"][:3])) == 3  # classes first
+        for q, hits, right in zip(gal["query_objects"], gal["retrieved"], gal["correct"]):
+            scores = source[q] @ out["g"].T
+            assert hits == np.argsort(-scores)[:5].tolist()
+            assert right == [j == q or out["labels"][j] == out["labels"][q] for j in hits]
+    assert gallery(result, 4, 5, seed=1, query="text")["retrieved"] != \
+        gallery(result, 4, 5, seed=1, query="image")["retrieved"]
+    with pytest.raises(ValueError, match="expected 'text' or 'image'"):
+        gallery(result, 4, 5, query="audio")
 
 
 def test_evaluate_cli_and_clear_errors(tiny_dataset, untrained, tmp_path, capsys):

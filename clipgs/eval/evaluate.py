@@ -113,9 +113,13 @@ def evaluate(model_uri: str, data: str, config: EvalConfig | None = None,
     return result
 
 
-def gallery(result: dict, queries: int, top: int, seed: int = 0) -> dict:
-    """Text->3D retrievals for ``queries`` captions spread over the split (one per class
-    first, when labelled): their top objects and whether each is a right answer."""
+def gallery(result: dict, queries: int, top: int, seed: int = 0, query: str = "text") -> dict:
+    """Retrievals for ``queries`` objects spread over the split (one per class first, when
+    labelled): their top objects and whether each is a right answer (the query's own object,
+    or one of its class). ``query="text"`` searches by the object's caption (text->3D),
+    ``"image"`` by its first rendered view (image->3D, the view the gallery shows)."""
+    if query not in ("text", "image"):
+        raise ValueError(f"query={query!r}; expected 'text' or 'image'")
     out = result["embeddings"]
     n = len(out["keys"])
     order = np.random.default_rng(seed).permutation(n)
@@ -128,13 +132,13 @@ def gallery(result: dict, queries: int, top: int, seed: int = 0) -> dict:
             seen.add(out["labels"][i])
     chosen = set(picked)
     picked += [int(i) for i in order if int(i) not in chosen][:queries - len(picked)]
-    scores = out["txt"][picked] @ out["g"].T
+    scores = out["txt" if query == "text" else "img"][picked] @ out["g"].T
     hits = np.argsort(-scores, axis=1)[:, :top]
     correct = [[int(j) == q or (out["labels"][q] is not None
                                 and out["labels"][int(j)] == out["labels"][q]) for j in row]
                for q, row in zip(picked, hits)]
-    return {"queries": [out["captions"][q] for q in picked], "retrieved": hits.tolist(),
-            "correct": correct}
+    return {"queries": [out["captions"][q] for q in picked], "query_objects": picked,
+            "retrieved": hits.tolist(), "correct": correct}
 
 
 def log_to_mlflow(result: dict, run_id: str | None, tracking_uri: str, prefix: str = "eval_"
@@ -169,6 +173,10 @@ def log_to_mlflow(result: dict, run_id: str | None, tracking_uri: str, prefix: s
                 figures["plots/retrieval_gallery.png"] = plots.gallery_figure(
                     gal["queries"], gal["retrieved"], out["views"], gal["correct"],
                     out["labels"])
+                gal = gallery(result, cfg.gallery_queries, cfg.gallery_top, cfg.seed, "image")
+                figures["plots/retrieval_gallery_image.png"] = plots.gallery_figure(
+                    gal["queries"], gal["retrieved"], out["views"], gal["correct"],
+                    out["labels"], query_views=gal["query_objects"])
             if len(out["keys"]) >= 3:
                 figures["plots/embedding_map.png"] = plots.embedding_map_figure(
                     out["g"], out["labels"], result["classes"], result["class_emb"])

@@ -1,6 +1,6 @@
 """Figures people look at after an evaluation (matplotlib, Agg): the zero-shot confusion
-matrix, a gallery of text->3D retrievals shown through each object's first rendered view,
-and a 2D map (PCA) of the 3DGS embeddings with the class text embeddings in the same plane."""
+matrix, galleries of text->3D and image->3D retrievals shown through each object's first
+rendered view, and a 2D map (PCA) of the 3DGS embeddings with the class text embeddings in the same plane."""
 
 from __future__ import annotations
 
@@ -35,17 +35,26 @@ def confusion_figure(confusion: np.ndarray, classes: list[str]):
 
 
 def gallery_figure(queries: list[str], retrieved: list[list[int]], views: np.ndarray,
-                   correct: list[list[bool]], labels: list[str | None]):
-    """One row per text query: its caption, then the top retrieved objects' first views,
-    framed green when the object is the query's own (or of the same class), red otherwise."""
+                   correct: list[list[bool]], labels: list[str | None],
+                   query_views: list[int] | None = None):
+    """One row per query - its caption, or with ``query_views`` the query object's first view
+    (image->3D) - then the top retrieved objects' first views, framed green when the object
+    is the query's own (or of the same class), red otherwise."""
     plt = _plt()
     rows, cols = len(queries), max(len(r) for r in retrieved)
     fig, axes = plt.subplots(rows, cols + 1, figsize=(1.6 * (cols + 1) + 1, 1.7 * rows),
                              squeeze=False)
     for r, (query, hits) in enumerate(zip(queries, retrieved)):
-        axes[r, 0].axis("off")
-        axes[r, 0].text(0, 0.5, "\n".join(textwrap.wrap(query, 22)[:4]), va="center",
-                        fontsize=8)
+        if query_views is None:
+            axes[r, 0].axis("off")
+            axes[r, 0].text(0, 0.5, "\n".join(textwrap.wrap(query, 22)[:4]), va="center",
+                            fontsize=8)
+        else:
+            q = query_views[r]
+            axes[r, 0].imshow(views[q])
+            axes[r, 0].set_xticks([])
+            axes[r, 0].set_yticks([])
+            axes[r, 0].set_title(f"query {labels[q] or ''}", fontsize=7)
         for c in range(cols):
             ax = axes[r, c + 1]
             ax.set_xticks([])
@@ -59,7 +68,8 @@ def gallery_figure(queries: list[str], retrieved: list[list[int]], views: np.nda
                 spine.set_edgecolor(colour)
                 spine.set_linewidth(3)
             ax.set_title(f"#{c + 1} {labels[hits[c]] or ''}", fontsize=7)
-    fig.suptitle("text -> 3D retrieval (first rendered view of each retrieved object)",
+    kind = "text" if query_views is None else "image (the query's first view)"
+    fig.suptitle(f"{kind} -> 3D retrieval (first rendered view of each retrieved object)",
                  fontsize=9)
     fig.tight_layout()
     return fig
