@@ -36,8 +36,8 @@ VALUE_SETS = {
 }
 KINDS = {
     "defaults": ["ConfigMap", "Deployment", "Deployment", "HorizontalPodAutoscaler",
-                 "NetworkPolicy", "NetworkPolicy", "PodDisruptionBudget", "Role", "RoleBinding", "Service",
-                 "ServiceAccount"],
+                 "NetworkPolicy", "NetworkPolicy", "PodDisruptionBudget", "Role", "RoleBinding",
+                 "Service", "ServiceAccount"],
     "gpu-cluster": ["ConfigMap", "ConfigMap", "Deployment", "Deployment",
                     "HorizontalPodAutoscaler", "Job", "NetworkPolicy", "NetworkPolicy",
                     "NetworkPolicy", "PodDisruptionBudget", "Role", "RoleBinding", "Service",

@@ -146,7 +146,13 @@ def _rank(rank: int, world: int, port: int, g_all, t_all, img_all, queue, cfg):
     out["loss"].backward()
     # a numpy copy travels by value: a tensor would go as a shared-memory handle that the
     # parent must fetch from this process, which may have exited by then (ECONNRESET)
-    queue.put((rank, out["loss"].item(), g.grad.numpy().copy()))
+    # the text->3D half of same_text: 2 x the text loss - the local 3D->text half
+    with torch.no_grad():
+        unit = F.normalize(g, dim=-1)
+        local_a = F.cross_entropy(10.0 * unit @ F.normalize(t_all, dim=-1).T,
+                                  torch.arange(n) + rank * n)
+        text_to_3d = 2 * out["loss_text"].item() - local_a.item()
+    queue.put((rank, out["loss"].item(), g.grad.numpy().copy(), text_to_3d))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -172,11 +178,11 @@ def test_gathered_loss_equals_the_global_batch_loss(positives):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, g, t, img, queue, cfg)) for r in range(2)]
+    procs = [ctx.Process(target=_rank, args=(r, 2, port, g, t, img, queue, cfg))
+             for r in range(2)]
     for p in procs:
         p.start()
-    results = dict((r, (loss, grad)) for r, loss, grad in (queue.get(timeout=120)
-                                                           for _ in procs))
+    results = {r: rest for r, *rest in (queue.get(timeout=120) for _ in procs)}
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
@@ -184,3 +190,8 @@ def test_gathered_loss_equals_the_global_batch_loss(positives):
     assert (results[0][0] + results[1][0]) / 2 == pytest.approx(ref["loss"].item(), rel=1e-5)
     grad = torch.from_numpy(np.concatenate([results[0][1], results[1][1]]))
     torch.testing.assert_close(grad, 2 * ref_g.grad, atol=1e-5, rtol=1e-4)
+    if positives == "same_text":  # every rank reports the whole batch's text->3D half
+        a_half = F.cross_entropy(10.0 * F.normalize(g, dim=-1) @ t.T, torch.arange(8))
+        whole = 2 * ref["loss_text"].item() - a_half.item()
+        assert results[0][2] == pytest.approx(whole, rel=1e-5)
+        assert results[1][2] == pytest.approx(whole, rel=1e-5)

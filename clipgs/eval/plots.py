@@ -1,6 +1,7 @@
 """Figures people look at after an evaluation (matplotlib, Agg): the zero-shot confusion
 matrix, galleries of text->3D and image->3D retrievals shown through each object's first
-rendered view, and a 2D map (PCA) of the 3DGS embeddings with the class text embeddings in the same plane."""
+rendered view, and a 2D map (PCA) of the 3DGS embeddings with the class text embeddings in
+the same plane."""
 
 from __future__ import annotations
 

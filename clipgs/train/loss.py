@@ -57,21 +57,29 @@ def contrastive_shared_text(a: torch.Tensor, b: torch.Tensor, scale: torch.Tenso
     shares it a positive, -mean log p over them (UniCL): with one row per object instead, a
     caption repeated n times would push every other object away from it n times as hard, and
     same-caption objects would be each other's negatives. Equal to ``contrastive`` when no
-    caption repeats. Each rank scores the distinct captions whose first occurrence it holds,
-    scaled so that the mean over ranks (DeepSpeed's gradient average) is the mean over all
-    distinct captions."""
+    caption repeats. Each rank's gradient comes from the distinct captions whose first
+    occurrence it holds, scaled so that the mean over ranks (DeepSpeed's gradient average) is
+    the gradient of the mean over all distinct captions; its value is that global mean on
+    every rank, so rank 0's logged loss is the whole batch's."""
     all_a, all_b = gather_with_grad(a), gather_with_grad(b)
     offset = _rank_offset(len(a))
     target = torch.arange(len(a), device=a.device) + offset
     loss_a = F.cross_entropy(scale * a @ all_b.T, target).float()
-    unit = F.normalize(all_b.detach().float(), dim=-1)
-    same = unit @ unit.T >= 1 - tol                                   # [N, N]
+    with torch.autocast(a.device.type, enabled=False):  # a bf16 matmul would round 0.998 to 1
+        unit = F.normalize(all_b.detach().float(), dim=-1)
+        same = unit @ unit.T >= 1 - tol                               # [N, N]
     first = ~same.tril(-1).any(dim=1)                                 # no equal row before it
     mine = first[offset:offset + len(a)]
-    positives = same[offset:offset + len(a)][mine].float()           # [r, N]
-    logp = F.log_softmax((scale * b[mine] @ all_a.T).float(), dim=1)
-    per_caption = -(logp * positives).sum(dim=1) / positives.sum(dim=1)
-    loss_b = per_caption.sum() * _world() / first.sum()
+
+    def per_caption(rows: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax((scale * rows @ all_a.T).float(), dim=1)
+        return -(logp * positives).sum(dim=1) / positives.sum(dim=1)
+
+    owned = per_caption(b[mine], same[offset:offset + len(a)][mine].float()).sum() \
+        * _world() / first.sum()
+    with torch.no_grad():
+        everyone = per_caption(all_b[first], same[first].float()).mean()
+    loss_b = owned + (everyone - owned.detach())  # the value of the one, the gradient of the other
     return 0.5 * (loss_a + loss_b)
 
 
