@@ -11,6 +11,7 @@ One command (the first run builds the cache under work/bench-modelnet10/, later 
     nice .venv/bin/python -m benchmarks.modelnet10 --steps 300 --no-serialization
     nice .venv/bin/python -m benchmarks.modelnet10 --eval-only RUN.safetensors [RUN2 ...] [--votes 5]
     nice .venv/bin/python -m benchmarks.modelnet10 --text-target prompts | --depth 6  # tried
+    nice .venv/bin/python -m benchmarks.modelnet10 --text-positives same_text        # tried
 
 Defaults: 70 epochs of training, or 22 minutes if the CPU is too slow for them (--epochs,
 --minutes; --steps N for an exact length), Uni3D's patch dropout 0.5, the encoder in bf16
