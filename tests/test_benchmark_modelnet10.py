@@ -129,7 +129,8 @@ def test_modelnet10_benchmark_sigterm_marks_the_run_failed(tmp_path, shared_data
 
 def test_modelnet10_runs_started_together_on_a_new_store_all_open(tmp_path):
     """Ablations started side by side on a fresh sqlite file race to create its tables and
-    the experiment; opening retries, so every one of them gets its run."""
+    the experiment; setup_mlflow lets one at a time set the store up (a file lock beside it),
+    so every one of them gets its run."""
     code = ("import argparse, sys; from benchmarks._modelnet10_mlflow import open_run; "
             "r = open_run(sys.argv[1], 'benchmark-modelnet10', None, "
             "argparse.Namespace(seed=0), 'train'); r.finish({}, [])")

@@ -75,11 +75,13 @@ def contrastive_shared_text(a: torch.Tensor, b: torch.Tensor, scale: torch.Tenso
         logp = F.log_softmax((scale * rows @ all_a.T).float(), dim=1)
         return -(logp * positives).sum(dim=1) / positives.sum(dim=1)
 
-    owned = per_caption(b[mine], same[offset:offset + len(a)][mine].float()).sum() \
-        * _world() / first.sum()
-    with torch.no_grad():
-        everyone = per_caption(all_b[first], same[first].float()).mean()
-    loss_b = owned + (everyone - owned.detach())  # the value of the one, the gradient of the other
+    world = _world()
+    loss_b = per_caption(b[mine], same[offset:offset + len(a)][mine].float()).sum() \
+        * world / first.sum()
+    if world > 1:  # report the whole batch's value, keep this rank's gradient
+        with torch.no_grad():
+            everyone = per_caption(all_b[first], same[first].float()).mean()
+        loss_b = loss_b + (everyone - loss_b.detach())
     return 0.5 * (loss_a + loss_b)
 
 
