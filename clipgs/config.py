@@ -22,7 +22,10 @@ class _Strict(BaseModel):
 class IngestConfig(_Strict):
     points: int = Field(1024, gt=0, description="gaussians per object after resampling")
     views: int = Field(4, gt=0, description="views per object (sidecar images first)")
-    shard_size: int = Field(64, gt=0, description="objects per shard")
+    shard_size: int = Field(64, gt=0, description="objects per shard (unless shard_mb is set)")
+    shard_mb: float | None = Field(None, gt=0, description="pack each shard up to this many "
+                                   "MB (10^6 bytes) instead of shard_size objects; an object "
+                                   "larger than that gets a shard of its own")
     limit: int | None = Field(None, gt=0, description="per split of each grid dataset")
     seed: int = 0
     # on 2 cores the CPU teacher needs both (measured: one worker made it 0.73x as fast); with

@@ -136,6 +136,74 @@ def test_ingest_resumes_and_reports_bad_objects(shared_data, tmp_path, teacher):
     assert third.written_shards == first.written_shards
 
 
+def test_ingest_packs_shards_by_bytes(shared_data, tmp_path, teacher):
+    """shard_mb: every shard holds as many objects as fit, the bytes predicted before anything
+    is made are the bytes written, and a re-run (with another limit) plans by the same rule."""
+    import tarfile
+
+    from clipgs.data.ingest import _meta, plan_shards
+    from clipgs.data.sources import discover
+
+    src = tmp_path / "src"
+    names = sorted(p.name for p in (shared_data / "splats").iterdir())[:7]
+    for name in names:
+        (src / name).mkdir(parents=True)
+        for f in (shared_data / "splats" / name).iterdir():
+            (src / name / f.name).write_bytes(f.read_bytes())
+    (src / "broken").mkdir()
+    (src / "broken" / "broken.splat").write_bytes(b"\0" * 33)
+    dim = teacher.encode_text(["x"]).shape[1]
+    sizer = shards.SampleSizer(128, 2, teacher.image_size, dim)
+    assets = discover(str(src), mesh_samples=128)
+    one = sizer(_meta(assets[0]))
+    limit = shards.tar_size(3 * one) + 100  # three objects fit, not four
+    config = IngestConfig(points=128, views=2, shard_mb=limit / 1e6, shard_size=1)
+    out = tmp_path / "shards"
+    result = ingest(str(src), str(out), config, teacher=teacher)
+    assert result.manifest["rejected"] == 1
+    planned = 0
+    for split in ("train", "test"):
+        written = result.manifest["splits"][split]["shards"]
+        groups = plan_shards([a for a in assets if a.split == split], config, sizer)
+        planned += len(groups)
+        # shard_size=1 is overridden; the last shard holds the rest
+        assert all(len(g) == 3 for g in groups[:-1]) and 1 <= len(groups[-1]) <= 3
+        assert len(written) == len(groups)
+        for shard, group in zip(written, groups):
+            tar = out / shard["name"]
+            assert shard["bytes"] == tar.stat().st_size <= limit
+            with tarfile.open(tar) as t:  # a valid tar of the planned objects
+                assert len(t.getmembers()) == 5 * shard["count"]
+            good = [a for a in group if a.key != "broken"]
+            assert shard["count"] == len(good)
+            # the prediction is exact (a rejected object only makes its shard smaller)
+            assert shard["bytes"] == shards.tar_size(sum(sizer(_meta(a)) for a in good))
+    assert sum(result.manifest["splits"][s]["count"] for s in ("train", "test")) == len(names)
+    assert shards.tar_size(4 * one) > limit  # a fourth object would not have fitted
+    again = ingest(str(src), str(out), config, teacher=teacher)
+    assert again.written_shards == 0 and again.skipped_shards == planned
+    # smaller than one object: each object gets a shard of its own
+    single = IngestConfig(points=128, views=2, shard_mb=one / 2e6)
+    assert [len(g) for g in plan_shards(assets, single, sizer)] == [1] * len(assets)
+
+
+def test_local_writes_are_whole_and_readable_by_others(tmp_path):
+    """A file appears only complete, with the mode open() would give it (mkstemp's 0600 would
+    hide shards from another user of a shared volume), and no temporary file is left."""
+    import os
+
+    umask = os.umask(0o027)
+    try:
+        url = str(tmp_path / "sub" / "a.bin")
+        storage.write_bytes(url, b"x" * 10)
+        # the umask in force when clipgs was imported (0022 in CI), not mkstemp's owner-only
+        assert (os.stat(url).st_mode & 0o777) == 0o666 & ~storage._UMASK
+    finally:
+        os.umask(umask)
+    assert storage.read_bytes(url) == b"x" * 10
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["a.bin"]
+
+
 def test_teacher_is_deterministic_and_semantic(teacher):
     from clipgs.models.teacher import Teacher
 

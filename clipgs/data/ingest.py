@@ -44,7 +44,9 @@ class IngestResult:
 
 def _plan_hash(config: IngestConfig, teacher_sha: str, keys: list[str]) -> str:
     # what changes a shard's content: not how many processes made it, nor how it was uploaded
-    spec = {"config": config.model_dump(mode="json", exclude={"limit", "workers", "multipart_mb"}),
+    # (nor shard_mb: which objects a shard holds is in its keys)
+    spec = {"config": config.model_dump(mode="json", exclude={"limit", "workers", "multipart_mb",
+                                                              "shard_mb"}),
             "teacher": teacher_sha,
             "keys": keys, "format_version": shards.FORMAT_VERSION}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
@@ -146,6 +148,35 @@ class TextCache:
         return np.stack([self.cache[c] for c in captions])
 
 
+def _meta(asset: Asset) -> dict:
+    return {"caption": asset.caption, "label": asset.label, "split": asset.split,
+            "source": asset.source}
+
+
+def plan_shards(items: list[Asset], config: IngestConfig,
+                sizer: shards.SampleSizer) -> list[list[Asset]]:
+    """Consecutive objects per shard: ``shard_size`` of them, or with ``shard_mb`` as many as
+    fit in that many bytes (exact, from ``sizer``; a rejected object only makes its shard
+    smaller). Decided before anything is made, so a re-run plans the same shards."""
+    if config.shard_mb is None:
+        return [items[i:i + config.shard_size] for i in range(0, len(items), config.shard_size)]
+    limit = config.shard_mb * 1e6
+    groups: list[list[Asset]] = []
+    size = 0
+    for asset in items:
+        nbytes = sizer(_meta(asset))
+        if groups and shards.tar_size(size + nbytes) <= limit:
+            groups[-1].append(asset)
+            size += nbytes
+        else:
+            if shards.tar_size(nbytes) > limit:
+                log.warning("%s: %d bytes in a shard, more than shard_mb=%g; it gets a shard "
+                            "of its own", asset.source, shards.tar_size(nbytes), config.shard_mb)
+            groups.append([asset])
+            size = nbytes
+    return groups
+
+
 def _write_shard(name: str, made: list[tuple[Asset, tuple]], config: IngestConfig,
                  teacher: Teacher, texts: TextCache, clock: Stopwatch) -> dict:
     done, rejects = [], []
@@ -162,9 +193,8 @@ def _write_shard(name: str, made: list[tuple[Asset, tuple]], config: IngestConfi
             img = img.reshape(len(done), config.views, -1)
             txt = texts([d[0].caption for d in done])
         for i, (asset, points, views) in enumerate(done):
-            meta = {"caption": asset.caption, "label": asset.label, "split": asset.split,
-                    "source": asset.source}
-            samples.append(shards.encode_sample(asset.key, points, views, img[i], txt[i], meta))
+            samples.append(shards.encode_sample(asset.key, points, views, img[i], txt[i],
+                                                _meta(asset)))
     with clock("write"):
         data = shards.tar_bytes(samples)
     return {"name": name, "count": len(samples), "bytes": len(data),
@@ -185,12 +215,12 @@ def ingest(source: str, output: str, config: IngestConfig | None = None,
     if storage.exists(manifest_url):  # about to change: never leave it looking complete
         storage.remove(manifest_url)
 
+    embed_dim = int(teacher.encode_text(["x"]).shape[1])
+    sizer = shards.SampleSizer(config.points, config.views, teacher.image_size, embed_dim)
     plan: list[tuple[str, str, list[Asset]]] = []
     for split in ("train", "test"):
-        items = [a for a in assets if a.split == split]
-        for i in range(0, len(items), config.shard_size):
-            plan.append((split, f"{split}-{i // config.shard_size:05d}.tar",
-                         items[i:i + config.shard_size]))
+        groups = plan_shards([a for a in assets if a.split == split], config, sizer)
+        plan += [(split, f"{split}-{n:05d}.tar", group) for n, group in enumerate(groups)]
 
     records: dict[str, dict] = {}
     todo = []
@@ -240,7 +270,7 @@ def ingest(source: str, output: str, config: IngestConfig | None = None,
         "source": source,
         "config": config.model_dump(mode="json"),
         "teacher": identity,
-        "embed_dim": int(teacher.encode_text(["x"]).shape[1]),
+        "embed_dim": embed_dim,
         "image_size": teacher.image_size,
         "classes": labels,
         "rejected": len(rejects),

@@ -34,15 +34,47 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+# a sample's arrays: (shape from (points, views, image size, embedding width), dtype)
+LAYOUT = {
+    "gaussians.npy": (lambda m, k, s, d: (m, 14), np.float32),
+    "views.npy": (lambda m, k, s, d: (k, s, s, 3), np.uint8),
+    "img_emb.npy": (lambda m, k, s, d: (k, d), np.float16),
+    "txt_emb.npy": (lambda m, k, s, d: (d,), np.float16),
+}
+_BLOCK, _RECORD = tarfile.BLOCKSIZE, tarfile.RECORDSIZE
+
+
+def _member_bytes(size: int) -> int:
+    return _BLOCK + -(-size // _BLOCK) * _BLOCK  # header + data padded to whole blocks
+
+
+class SampleSizer:
+    """The exact bytes a sample takes in a shard, before it is made: every array's shape follows
+    from (points, views, image size, embedding width), and the JSON from the asset. Ingestion
+    packs shards by bytes with it (``shard_mb``) while still planning every shard up front."""
+
+    def __init__(self, points: int, views: int, image_size: int, dim: int):
+        self.arrays = sum(_member_bytes(len(npy_bytes(np.zeros(shape(points, views, image_size,
+                                                                     dim), dtype))))
+                          for shape, dtype in LAYOUT.values())
+
+    def __call__(self, meta: dict) -> int:
+        return self.arrays + _member_bytes(len(json.dumps(meta).encode()))
+
+
+def tar_size(member_bytes: int) -> int:
+    """A USTAR tar's size from its members' (``SampleSizer``) bytes: two zero blocks end it,
+    and it is padded to whole records (as ``tarfile`` writes it)."""
+    return -(-(member_bytes + 2 * _BLOCK) // _RECORD) * _RECORD
+
+
 def encode_sample(key: str, gaussians: np.ndarray, views: np.ndarray, img_emb: np.ndarray,
                   txt_emb: np.ndarray, meta: dict) -> dict[str, bytes]:
-    return {
-        f"{key}.gaussians.npy": npy_bytes(gaussians.astype(np.float32)),
-        f"{key}.views.npy": npy_bytes(views.astype(np.uint8)),
-        f"{key}.img_emb.npy": npy_bytes(img_emb.astype(np.float16)),
-        f"{key}.txt_emb.npy": npy_bytes(txt_emb.astype(np.float16)),
-        f"{key}.json": json.dumps(meta).encode(),
-    }
+    arrays = dict(zip(LAYOUT, (gaussians, views, img_emb, txt_emb)))
+    sample = {f"{key}.{ext}": npy_bytes(arrays[ext].astype(dtype))
+              for ext, (_, dtype) in LAYOUT.items()}
+    sample[f"{key}.json"] = json.dumps(meta).encode()
+    return sample
 
 
 def tar_bytes(members: list[dict[str, bytes]]) -> bytes:
@@ -64,7 +96,7 @@ def sha256(data: bytes) -> str:
 def decode_sample(sample: dict) -> dict:
     """webdataset's raw sample (bytes per extension) -> numpy arrays and metadata."""
     out = {"key": sample["__key__"]}
-    for ext in ("gaussians.npy", "views.npy", "img_emb.npy", "txt_emb.npy"):
+    for ext in LAYOUT:
         if ext not in sample:
             raise StorageError(f"{sample.get('__url__', '?')}: sample {sample['__key__']} "
                                f"has no '{ext}'")

@@ -60,6 +60,12 @@ def read_bytes(url: str) -> bytes:
         raise StorageError(f"{url}: cannot read ({exc})") from None
 
 
+# mkstemp makes a file only its owner can read; a written file gets the mode a plain open()
+# would give it (0666 less the umask), so other users of a shared volume can read the shards
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def write_bytes(url: str, data: bytes, multipart_mb: int | None = None) -> None:
     """Write atomically: a reader never sees a half-written object under ``url``."""
     if is_s3(url):
@@ -71,6 +77,7 @@ def write_bytes(url: str, data: bytes, multipart_mb: int | None = None) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
