@@ -162,6 +162,16 @@ def evaluate(encoder: GSEncoder, cache: dict, teacher: Teacher, args,
     res["zeroshot_top1_count_prior_minus"] = topk_accuracy(logits - lean, labels, 1)
     probe = linear_probe_episodes(g, labels, way=10, shot=10, episodes=10, seed=args.seed)
     res.update(probe or {})
+    # the same probe with its support drawn from the training shapes (Point-BERT's protocol;
+    # evaluate's fewshot_support_split=train), one fixed subset each from its own generator
+    train = np.nonzero((cache["split"] == 0) & cache["valid"])[0]
+    rng = np.random.default_rng(args.seed + 10_000)
+    support = embed(encoder, np.stack([resample(p, args.points, rng)
+                                       for p in cache["points"][train]]), args)
+    probe = linear_probe_episodes(g, labels, way=10, shot=10, episodes=10, seed=args.seed,
+                                  support=(support, cache["label"][train]))
+    res.update({k.replace("fewshot_", "fewshot_train_support_"): v
+                for k, v in (probe or {}).items() if k.startswith("fewshot_acc")})
     emb = {"g": g, "txt": cache["txt_emb"][labels], "img": cache["img_emb"][valid, 0]}
     res.update({k: v for k, v in retrieval_metrics(emb, [1]).items()})
     # where the embedding points: its cosine with its own caption and with its own view, and
@@ -447,7 +457,9 @@ def run(args, tracker: BenchmarkRun | None) -> dict:
         f"top-5 {res['zeroshot_top5']:.3f}) on {res['test_objects_with_gaussians']} test "
         f"shapes with gaussians; {res['zeroshot_top1_of_all']:.3f} of all {res['test_objects']}"
         f"; 10-way 10-shot {res.get('fewshot_acc_mean', float('nan')):.3f} +- "
-        f"{res.get('fewshot_acc_std', float('nan')):.3f}"
+        f"{res.get('fewshot_acc_std', float('nan')):.3f} (support from the training shapes: "
+        f"{res.get('fewshot_train_support_acc_mean', float('nan')):.3f} +- "
+        f"{res.get('fewshot_train_support_acc_std', float('nan')):.3f})"
         + (f"; EMA weights: zero-shot top-1 {res['ema']['zeroshot_top1']:.3f}" if ema else "")
         + f"; total {res['total_s'] / 60:.1f} min "
         f"(cache {t_cache / 60:.1f}, train {t_train / 60:.1f}); written {out}")

@@ -193,10 +193,20 @@ class EvalConfig(_Strict):
                               "10 on ModelNet10)")
     fewshot_episodes: int = Field(10, ge=0, description="0 skips the probe")
     fewshot_queries: int = Field(15, gt=0, description="query objects per class and episode")
+    fewshot_support_split: str | None = Field(None, description="draw the probe's support "
+                                              "objects from this split (e.g. train), the "
+                                              "queries from `split`; None: both from `split`")
     gallery_queries: int = Field(6, ge=0, description="text queries in the retrieval gallery")
     gallery_top: int = Field(5, gt=0)
     plots: bool = True
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _support_is_another_split(self):
+        if self.fewshot_support_split == self.split:
+            raise ValueError(f"fewshot_support_split={self.split} is the evaluated split; leave "
+                             "it unset to draw support and queries from it")
+        return self
 
 
 class PromoteConfig(_Strict):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from clipgs.config import EvalConfig, ModelConfig
+from clipgs.errors import ClipgsError
 from clipgs.eval.fewshot import linear_probe_episodes
 from clipgs.eval.metrics import (duplicate_groups, match_ranks, per_class_accuracy, recall_at_k,
                                  retrieval_metrics)
@@ -67,6 +68,29 @@ def test_linear_probe_separates_clusters_and_not_noise():
     assert linear_probe_episodes(clustered[:8], labels[:8], way=2, shot=3, episodes=2) is None
 
 
+def test_linear_probe_draws_support_from_another_split():
+    """support=(emb, labels): the probe learns from that pool and is scored on all of the
+    evaluated objects (even with fewer of them than `shot`); a class without `shot` support
+    objects is left out."""
+    rng = np.random.default_rng(2)
+    centres = _unit(rng.normal(size=(6, 16))) * 4
+    pool_y = np.repeat(np.arange(6), 10)
+    pool = centres[pool_y] + rng.normal(size=(60, 16))
+    query_y = np.repeat(np.arange(6), 2)  # 2 a class: too few for a same-split 3-shot probe
+    queries = centres[query_y] + rng.normal(size=(12, 16))
+    assert linear_probe_episodes(queries, query_y, way=5, shot=3, episodes=2) is None
+    good = linear_probe_episodes(queries, query_y, way=5, shot=3, episodes=4, queries=5,
+                                 support=(pool, pool_y))
+    assert good["fewshot_acc_mean"] > 0.9 and good["fewshot_way"] == 5
+    wrong = linear_probe_episodes(queries, query_y, way=5, shot=3, episodes=4, queries=5,
+                                  support=(pool, rng.permutation(pool_y)))
+    assert wrong["fewshot_acc_mean"] < 0.6  # the support's labels are what it learns from
+    thin = pool_y.copy()
+    thin[thin == 5] = 0  # class 5 has no support objects left
+    assert linear_probe_episodes(queries, query_y, way=6, shot=3, episodes=2,
+                                 support=(pool, thin))["fewshot_way"] == 5
+
+
 def test_per_class_accuracy_skips_absent_classes():
     confusion = np.array([[2, 1, 0], [0, 0, 0], [1, 0, 3]])
     assert per_class_accuracy(confusion, ["a", "b", "c"]) == {"a": 2 / 3, "c": 0.75}
@@ -102,6 +126,20 @@ def test_evaluate_logs_metrics_and_plots(tiny_dataset, untrained, teacher, tmp_p
         "split": "train", "fewshot_episodes": 0}), teacher=teacher)
     assert on_train["metrics"]["eval_objects"] == 24 and "fewshot_acc_mean" not in \
         on_train["metrics"]
+    # support drawn from the train split (4 objects a class), queries from the test split (2
+    # a class: too few for a 2-shot probe within it)
+    within = evaluate(str(untrained), str(tiny_dataset), cfg.model_copy(update={
+        "fewshot_shot": 2, "plots": False}), teacher=teacher)
+    assert "fewshot_acc_mean" not in within["metrics"]
+    apart = evaluate(str(untrained), str(tiny_dataset), cfg.model_copy(update={
+        "fewshot_support_split": "train", "fewshot_shot": 2, "plots": False}), teacher=teacher)
+    assert apart["metrics"]["fewshot_shot"] == 2 and apart["metrics"]["fewshot_way"] == 3
+    assert 0.0 <= apart["metrics"]["fewshot_acc_mean"] <= 1.0
+    with pytest.raises(ClipgsError, match="no 'val' shards to draw the few-shot support"):
+        evaluate(str(untrained), str(tiny_dataset), cfg.model_copy(update={
+            "fewshot_support_split": "val"}), teacher=teacher)
+    with pytest.raises(ValueError, match="is the evaluated split"):
+        EvalConfig(fewshot_support_split="test")
 
     db = f"sqlite:///{tmp_path}/mlflow.db"
     run_id = log_to_mlflow(result, None, db)

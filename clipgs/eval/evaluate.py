@@ -66,6 +66,28 @@ def _unit(x: np.ndarray) -> np.ndarray:  # float16 storage leaves norms a hair o
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def _support_urls(data: str, manifest: dict, config: EvalConfig) -> list[str] | None:
+    """The shards of ``fewshot_support_split`` (checked before anything is embedded)."""
+    split = config.fewshot_support_split
+    if not (split and config.fewshot_episodes):
+        return None
+    urls = shard_urls(data, manifest, split)
+    if not urls:
+        raise ClipgsError(f"{data}: no '{split}' shards to draw the few-shot support from "
+                          f"(fewshot_support_split); its splits: {sorted(manifest['splits'])}")
+    return urls
+
+
+def _support(package: ModelPackage, urls: list[str], manifest: dict,
+             config: EvalConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The few-shot probe's support pool: the labelled objects of ``fewshot_support_split``."""
+    classes = manifest["classes"]
+    total = manifest["splits"][config.fewshot_support_split].get("count")
+    out = embed_split(package, urls, config.batch_size, total)
+    keep = [i for i, lab in enumerate(out["labels"]) if lab in classes]
+    return out["g"][keep], np.array([classes.index(out["labels"][i]) for i in keep], int)
+
+
 def evaluate(model_uri: str, data: str, config: EvalConfig | None = None,
              teacher: Teacher | None = None) -> dict:
     """Metrics of one model on one shard set. Returns ``metrics`` (flat floats, what gates
@@ -77,6 +99,7 @@ def evaluate(model_uri: str, data: str, config: EvalConfig | None = None,
     urls = shard_urls(data, manifest, config.split)
     if not urls:
         raise ClipgsError(f"{data}: no '{config.split}' shards to evaluate on")
+    support_urls = _support_urls(data, manifest, config)
     total = manifest["splits"].get(config.split, {}).get("count")
     out = embed_split(package, urls, config.batch_size, total)
     metrics = {"eval_objects": float(len(out["keys"]))}
@@ -100,9 +123,10 @@ def evaluate(model_uri: str, data: str, config: EvalConfig | None = None,
         metrics["zeroshot_mean_class_acc"] = float(np.mean(list(result["per_class"].values())))
         result["class_emb"] = cls
         if config.fewshot_episodes:
+            support = _support(package, support_urls, manifest, config) if support_urls else None
             probe = linear_probe_episodes(out["g"][labelled], y, config.fewshot_way,
                                           config.fewshot_shot, config.fewshot_episodes,
-                                          config.fewshot_queries, config.seed)
+                                          config.fewshot_queries, config.seed, support)
             metrics.update(probe or {})
     else:
         log.warning("%s: no object of the '%s' split has a label in the manifest's classes; "

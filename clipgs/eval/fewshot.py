@@ -3,8 +3,10 @@
 
 Each episode draws N classes, K support objects per class and up to Q query objects per class
 from the rest, fits a multinomial logistic regression (L-BFGS, L2) on the support embeddings
-and scores the queries. Support and queries come from the same evaluated split and never
-overlap. Seeded, so the same embeddings always give the same figure.
+and scores the queries. By default support and queries come from the same evaluated split and
+never overlap; given ``support`` (another split's embeddings and labels), the support objects
+are drawn from it and the queries from the evaluated split (Point-BERT's few-shot protocol).
+Seeded, so the same embeddings always give the same figure.
 """
 
 from __future__ import annotations
@@ -45,17 +47,29 @@ def _fit(x: np.ndarray, y: np.ndarray, classes: int, l2: float, steps: int) -> t
 
 
 def linear_probe_episodes(emb: np.ndarray, labels: np.ndarray, way: int, shot: int,
-                          episodes: int, queries: int = 15, seed: int = 0) -> dict | None:
+                          episodes: int, queries: int = 15, seed: int = 0,
+                          support: tuple[np.ndarray, np.ndarray] | None = None) -> dict | None:
     """Accuracy mean/std over episodes, or None (with a warning) when fewer than 2 classes
-    have ``shot + 1`` objects. ``way`` shrinks to the classes available; the result says so."""
-    eligible = [c for c in np.unique(labels) if (labels == c).sum() > shot]
+    have ``shot`` support objects and a query. ``way`` shrinks to the classes available; the
+    result says so. ``support``: (embeddings, labels) to draw the support objects from instead
+    of ``emb`` (the queries still come from ``emb``)."""
+    apart = support is not None
+    s_emb, s_labels = support if apart else (emb, labels)
+
+    def enough(c) -> bool:
+        if apart:
+            return (s_labels == c).sum() >= shot and (labels == c).any()
+        return (labels == c).sum() > shot
+
+    eligible = [c for c in np.unique(labels) if enough(c)]
+    need = (f"{shot} support objects (in the support split) and a query" if apart
+            else f"more than {shot} objects")
     if len(eligible) < 2:
-        log.warning("few-shot probe skipped: %d classes have more than %d objects; need 2",
-                    len(eligible), shot)
+        log.warning("few-shot probe skipped: %d classes have %s; need 2", len(eligible), need)
         return None
     if len(eligible) < way:
-        log.warning("few-shot probe: only %d classes have more than %d objects; running "
-                    "%d-way instead of %d-way", len(eligible), shot, len(eligible), way)
+        log.warning("few-shot probe: only %d classes have %s; running %d-way instead of %d-way",
+                    len(eligible), need, len(eligible), way)
         way = len(eligible)
     rng = np.random.default_rng(seed)
     accuracies = []
@@ -65,8 +79,12 @@ def linear_probe_episodes(emb: np.ndarray, labels: np.ndarray, way: int, shot: i
             sx, sy, qx, qy = [], [], [], []
             for new_label, c in enumerate(chosen):
                 members = rng.permutation(np.nonzero(labels == c)[0])
-                sx.append(emb[members[:shot]])
-                qx.append(emb[members[shot:shot + queries]])
+                if apart:
+                    sx.append(s_emb[rng.permutation(np.nonzero(s_labels == c)[0])[:shot]])
+                    qx.append(emb[members[:queries]])
+                else:
+                    sx.append(emb[members[:shot]])
+                    qx.append(emb[members[shot:shot + queries]])
                 sy += [new_label] * shot
                 qy += [new_label] * len(qx[-1])
             probe = fit_linear_probe(np.concatenate(sx), np.array(sy), way)
