@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from clipgs.errors import ClipgsError
 
@@ -37,10 +38,19 @@ def cmd_render(args) -> int:
     from clipgs.data.formats import load_gaussians
     from clipgs.data.views import render, ring_cameras, to_png
 
+    if args.views < 1 or not 0 <= args.view < args.views:
+        raise ClipgsError(f"--view {args.view} of --views {args.views}: expected --views >= 1 "
+                          "and 0 <= --view < --views")
+    if not 8 <= args.size <= 4096:
+        raise ClipgsError(f"--size {args.size}: expected 8..4096 pixels")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise ClipgsError(f"--out {args.out}: no folder {out.parent}")
     points = load_gaussians(args.file).activated()
     image = (render(points, ring_cameras(args.views)[args.view], args.size) * 255).byte()
-    with open(args.out, "wb") as f:
-        f.write(to_png(image.numpy()))
+    from clipgs.data.storage import write_bytes
+
+    write_bytes(str(out), to_png(image.numpy()))  # whole or not at all
     print(f"wrote {args.out}")
     return 0
 

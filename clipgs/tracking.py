@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 
 # the embedded store: sqlite in the working folder (platform.md's default deployment)
 DEFAULT_TRACKING = "sqlite:///mlflow.db"
+# tag on a training run: the run name (tracking.run_name) its latest launch was given; a
+# resumed run keeps its first mlflow.runName, so a Kubernetes flow finds its Job's run by this
+RUN_NAME_TAG = "clipgs.run_name"
 
 
 def tracking_uri(uri: str | None = None) -> str:

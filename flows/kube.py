@@ -26,15 +26,25 @@ log = logging.getLogger("flows.kube")
 CHART = os.environ.get("CLIPGS_CHART", str(Path(__file__).resolve().parents[1] / "charts" /
                                            "clipgs"))
 SUBMITTED_KINDS = ("ConfigMap", "Service", "Job")  # and the NetworkPolicy, when enabled
+# the chart's release values, mounted into flow-run pods by the work pool's job template
+RELEASE_VALUES = "/etc/clipgs/release/values.yaml"
+
+
+def _release_values() -> str | None:
+    path = os.environ.get("CLIPGS_RELEASE_VALUES", RELEASE_VALUES)
+    return path if Path(path).is_file() else None
 
 
 class KubeTrainConfig(BaseModel):
     """Where and how the training Job runs; ``values`` are chart values (train.nodes,
-    train.gpusPerNode, train.nodeSelector, image ...), the same keys as `helm install`."""
+    train.gpusPerNode, train.nodeSelector, image ...), the same keys as `helm install`, over
+    ``release_values``: the installed release's (image, registry secrets, S3, MLflow, train.*),
+    which the chart mounts into flow-run pods."""
     model_config = ConfigDict(extra="forbid")
     namespace: str = Field(default_factory=lambda: os.environ.get("CLIPGS_NAMESPACE", "default"))
     chart: str = CHART
     values: dict[str, Any] = {}
+    release_values: str | None = Field(default_factory=_release_values)
     timeout_s: float = Field(6 * 3600, gt=0, description="give up waiting for the Job")
     poll_s: float = Field(15, gt=0)
 
@@ -55,7 +65,16 @@ def train_objects(config: TrainConfig, kube: KubeTrainConfig, release: str) -> l
                           "object storage; give an s3:// prefix")
     config = config.model_copy(deep=True)
     config.output_dir = "/workspace/train"  # the chart's scratch volume in each pod
-    values = _merge(kube.values, {
+    base: dict = {}
+    if kube.release_values:
+        try:
+            base = yaml.safe_load(Path(kube.release_values).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"kube.release_values={kube.release_values}: {exc}") from None
+        if not isinstance(base, dict):
+            raise ConfigError(f"kube.release_values={kube.release_values}: a YAML "
+                              f"{type(base).__name__}; expected the chart's values")
+    values = _merge(_merge(base, kube.values), {
         "train": {"enabled": True, "config": config.model_dump(mode="json")},
         "mlflowTrackingUri": config.tracking.tracking_uri,
         "worker": {"enabled": False}, "serving": {"enabled": False},
@@ -130,8 +149,6 @@ def submit(objects: list[dict], namespace: str) -> str:
 
 def wait(name: str, namespace: str, timeout_s: float, poll_s: float) -> dict:
     """Poll the Job until it completes or fails; API hiccups while polling are logged."""
-    from kubernetes.client.exceptions import ApiException
-
     from flows.retry import is_transient
 
     batch, _ = _clients()
@@ -139,10 +156,11 @@ def wait(name: str, namespace: str, timeout_s: float, poll_s: float) -> dict:
     while time.monotonic() < deadline:
         try:
             status = batch.read_namespaced_job_status(name, namespace).status
-        except ApiException as exc:
+        except Exception as exc:  # noqa: BLE001 - the API's 5xx and a dropped connection alike
             if not is_transient(exc):
                 raise
-            log.warning("reading Job %s/%s: %s (will poll again)", namespace, name, exc.reason)
+            log.warning("reading Job %s/%s: %s (will poll again)", namespace, name,
+                        getattr(exc, "reason", None) or exc)
             time.sleep(poll_s)
             continue
         for c in status.conditions or []:
@@ -159,13 +177,17 @@ def wait(name: str, namespace: str, timeout_s: float, poll_s: float) -> dict:
 
 
 def training_result(tracking_uri: str, experiment: str, run_name: str) -> dict:
-    """The finished training run named after the Job, shaped like a local run's result."""
+    """The finished training run the Job ran (and named), shaped like a local run's result."""
     import mlflow
+
+    from clipgs.tracking import RUN_NAME_TAG
 
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.runName = '{run_name}'",
+    # by the tag each launch sets, not mlflow.runName: a Job that resumed an earlier Job's
+    # checkpoint re-opens that Job's MLflow run, which keeps the earlier name
+    runs = client.search_runs([exp.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
                               max_results=1) if exp else []
     if not runs or runs[0].info.status != "FINISHED":
         raise ClipgsError(f"the Job {run_name} finished but MLflow at {tracking_uri} has no "
@@ -177,13 +199,25 @@ def training_result(tracking_uri: str, experiment: str, run_name: str) -> dict:
             "final_loss": run.data.metrics.get("final_loss"), "tracking_uri": tracking_uri}
 
 
-def roll_serving(deployment: str, namespace: str, version: str) -> None:
-    """Restart the serving pods (as `kubectl rollout restart` does) so that they load the new
-    champion: `mlflow models serve` resolves models:/clipgs@champion once, at start."""
+def roll_serving(deployment: str, namespace: str, version: str) -> bool:
+    """Restart the serving pods (as `kubectl rollout restart` does) so that they load the
+    champion: `mlflow models serve` resolves models:/clipgs@champion once, at start. The patch
+    sets an annotation to the version, so rolling to the version already served changes
+    nothing. No such Deployment (serving not installed yet) is a warning, not a failure: the
+    champion has moved, and serving loads it when it starts. Returns whether it rolled."""
     from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
 
     _clients()
-    client.AppsV1Api().patch_namespaced_deployment(deployment, namespace, {
-        "spec": {"template": {"metadata": {"annotations": {
-            "clipgs/champion-version": str(version)}}}}})
+    try:
+        client.AppsV1Api().patch_namespaced_deployment(deployment, namespace, {
+            "spec": {"template": {"metadata": {"annotations": {
+                "clipgs/champion-version": str(version)}}}}})
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        log.warning("no Deployment %s/%s to roll (serving not installed?); champion v%s is "
+                    "what it loads when it starts", namespace, deployment, version)
+        return False
     log.info("rolled Deployment %s/%s to champion v%s", namespace, deployment, version)
+    return True

@@ -23,8 +23,9 @@ from clipgs.data import storage
 from clipgs.errors import ConfigError
 from flows.kube import KubeTrainConfig
 from flows.ledger import StageLedger, stage_key
-from flows.stages import (evaluate_flow, generate_task, ingest_flow, promote_flow,
-                          register_task, tracking, train_flow)
+from flows.stages import (champion_after, evaluate_flow, generate_task, ingest_flow,
+                          promote_flow, register_task, roll_serving_task, serving_namespace,
+                          tracking, train_flow)
 
 ARTIFACT_KEY = "clipgs-retrain"
 
@@ -99,8 +100,14 @@ def retrain_flow(config: PipelineConfig = PipelineConfig(), tracking_uri: str | 
                                  "eval": cfg.eval.model_dump(mode="json")},
                      lambda: promote_flow(shards, cfg.model_name, version=version,
                                           config=cfg.promote, eval_config=cfg.eval,
-                                          tracking_uri=tracking_uri,
-                                          serving_deployment=serving_deployment))
+                                          tracking_uri=tracking_uri))
+    # a stage of its own, after the promotion is recorded: a roll that failed (RBAC, API
+    # down) is retried by the next run, which skips the promotion
+    champion = champion_after(decision)
+    if serving_deployment and champion:
+        stage("roll-serving", {"deployment": serving_deployment, "version": champion,
+                               "namespace": serving_namespace()},
+              lambda: roll_serving_task(serving_deployment, serving_namespace(), champion))
     summary = {"ingested": ingested, "training_run_id": trained["run_id"],
                "package": trained["package"], "metrics": metrics,
                "model": f"models:/{cfg.model_name}/{version}",

@@ -152,10 +152,22 @@ def promote_task(name: str, version: str | None, data: str, tracking_uri: str,
 
 
 @task(name="roll-serving", **TRANSIENT_IO)
-def roll_serving_task(deployment: str, namespace: str, version: str) -> None:
+def roll_serving_task(deployment: str, namespace: str, version: str) -> bool:
     from flows.kube import roll_serving
 
-    roll_serving(deployment, namespace, version)
+    return roll_serving(deployment, namespace, version)
+
+
+def serving_namespace() -> str:
+    return os.environ.get("CLIPGS_NAMESPACE", "default")
+
+
+def champion_after(decision: dict) -> str | None:
+    """The champion a promotion decision leaves: the challenger when promoted or already
+    champion, else the champion it kept."""
+    if decision["promoted"] or decision["previous_champion"] == decision["version"]:
+        return decision["version"]
+    return decision["previous_champion"]
 
 
 @flow(name="clipgs-promote")
@@ -164,13 +176,14 @@ def promote_flow(data: str, model_name: str = "clipgs", run_id: str | None = Non
                  eval_config: EvalConfig = EvalConfig(), tracking_uri: str | None = None,
                  serving_deployment: str | None = None) -> dict:
     """Register ``run_id`` (alias challenger) unless a ``version`` is given, then move
-    ``champion`` only if the challenger is strictly better on ``data``; on a promotion, roll
-    the serving Deployment (if named) so it loads the new champion."""
+    ``champion`` only if the challenger is strictly better on ``data``; then roll the serving
+    Deployment (if named) to the champion. Rolling to the version it already serves changes
+    nothing, so a run whose roll failed after the promotion is mended by running it again."""
     uri = tracking(tracking_uri)
     if run_id and not version:
         version = register_task(run_id, uri, model_name)
     decision = promote_task(model_name, version, data, uri, config, eval_config)
-    if decision["promoted"] and serving_deployment:
-        roll_serving_task(serving_deployment, os.environ.get("CLIPGS_NAMESPACE", "default"),
-                          decision["version"])
+    champion = champion_after(decision)
+    if serving_deployment and champion:
+        roll_serving_task(serving_deployment, serving_namespace(), champion)
     return decision

@@ -35,16 +35,16 @@ VALUE_SETS = {
     "own-mlflow": {**OWN_MLFLOW, "s3": {"credentialsSecret": "s3-credentials"}},
 }
 KINDS = {
-    "defaults": ["ConfigMap", "Deployment", "Deployment", "HorizontalPodAutoscaler",
+    "defaults": ["ConfigMap", "ConfigMap", "Deployment", "Deployment", "HorizontalPodAutoscaler",
                  "NetworkPolicy", "NetworkPolicy", "PodDisruptionBudget", "Role", "RoleBinding",
                  "Service", "ServiceAccount"],
-    "gpu-cluster": ["ConfigMap", "ConfigMap", "Deployment", "Deployment",
+    "gpu-cluster": ["ConfigMap", "ConfigMap", "ConfigMap", "Deployment", "Deployment",
                     "HorizontalPodAutoscaler", "Job", "NetworkPolicy", "NetworkPolicy",
                     "NetworkPolicy", "PodDisruptionBudget", "Role", "RoleBinding", "Service",
                     "Service", "ServiceAccount"],
     "cpu-one-node": ["ConfigMap", "Deployment", "Job", "PodDisruptionBudget", "Service",
                      "Service"],
-    "own-mlflow": ["ConfigMap", "Deployment", "Deployment", "Deployment", "HorizontalPodAutoscaler",
+    "own-mlflow": ["ConfigMap", "ConfigMap", "Deployment", "Deployment", "Deployment", "HorizontalPodAutoscaler",
                    "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "PodDisruptionBudget",
                    "Role", "RoleBinding", "Service", "Service", "ServiceAccount"],
 }
@@ -109,6 +109,8 @@ def test_training_job_is_nodes_by_gpus():
     svc = by_kind(docs, "Service", "-train")[0]
     assert svc["spec"]["clusterIP"] == "None"
     assert svc["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    # the README's `kubectl get jobs -l app.kubernetes.io/component=train` finds the Job
+    assert job["metadata"]["labels"]["app.kubernetes.io/component"] == "train"
     cm = by_kind(docs, "ConfigMap")[0]
     assert yaml.safe_load(cm["data"]["train.yaml"])["zero_stage"] == 2
 
@@ -145,6 +147,105 @@ def test_serving_worker_and_mlflow():
     assert any("jobs" in r["resources"] and "create" in r["verbs"] for r in rules)
 
 
+@pytest.mark.slow
+def test_chart_mlflow_server_answers_its_service_name(tmp_path):
+    """The chart's own `mlflow server` command, run for real (sqlite in place of the Secret's
+    Postgres): a client using the address the chart hands every pod gets an answer, not
+    MLflow's DNS-rebinding 403, while a foreign Host header is still refused."""
+    import requests
+    import sys
+
+    from conftest import free_port, wait_for_http
+
+    port = free_port()
+    docs = render({**OWN_MLFLOW, "mlflow": {**OWN_MLFLOW["mlflow"], "port": port,
+                                            "allowedHosts": ["mlflow.example.com"]}})
+    cmd = by_kind(docs, "Deployment", "-mlflow")[0]["spec"]["template"]["spec"][
+        "containers"][0]["command"]
+    serve = by_kind(docs, "Deployment", "-serving")[0]["spec"]["template"]["spec"]
+    uri = {e["name"]: e.get("value") for e in serve["containers"][0]["env"]}[
+        "MLFLOW_TRACKING_URI"]
+    service_host = uri.removeprefix("http://")
+    assert service_host == f"nightly-clipgs-mlflow:{port}"
+    assert cmd[0] == "mlflow"
+    cmd = [str(Path(sys.executable).parent / "mlflow"), *cmd[1:], "--workers", "1"]
+    env = dict(os.environ, MLFLOW_BACKEND_STORE_URI=f"sqlite:///{tmp_path}/mlflow.db")
+    with open(tmp_path / "server.log", "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc, tmp_path / "server.log", 120,
+                      "the chart's mlflow server")
+        search = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search"
+
+        def status(host):
+            return requests.post(search, json={"max_results": 1}, headers={"Host": host},
+                                 timeout=10).status_code
+
+        for host in (service_host, "nightly-clipgs-mlflow.ml.svc.cluster.local:80",
+                     f"localhost:{port}", "mlflow.example.com"):
+            assert status(host) == 200, host
+        assert status("attacker.example.com") == 403
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)
+
+
+RELEASE = {"image": {"repository": "registry.example.com/clipgs"},
+           "imagePullSecrets": [{"name": "regcred"}],
+           "s3": {"endpointUrl": "https://minio.example.com", "credentialsSecret": "s3c"}}
+
+
+def release_values_file(tmp_path, name="prod") -> Path:
+    """The release values the chart mounts into flow-run pods, as a file."""
+    docs = render(RELEASE, name=name)
+    path = tmp_path / "release-values.yaml"
+    path.write_text(by_kind(docs, "ConfigMap", "-release-values")[0]["data"]["values.yaml"])
+    return path
+
+
+def test_flow_run_pods_get_the_release_image_account_and_storage():
+    """The pool's job template, with prefect.yaml's retrain-nightly job variables applied by
+    Prefect's own templating: the pod runs this release's image from its registry, under its
+    worker's service account, with the S3 endpoint and credentials Secret and the release's
+    values mounted - none of which prefect.yaml repeats."""
+    import kubernetes_validate
+    from prefect.utilities.templating import apply_values
+
+    docs = render(RELEASE, name="prod")
+    pool = json.loads(by_kind(docs, "ConfigMap", "-work-pool")[0]["data"][
+        "base-job-template.json"])
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    nightly = next(d for d in spec["deployments"] if d["name"] == "retrain-nightly")
+    variables = {k: v.get("default") for k, v in pool["variables"]["properties"].items()}
+    variables.update(nightly["work_pool"]["job_variables"], name="flow-run", command="x")
+    job = apply_values(pool["job_configuration"], variables)["job_manifest"]
+    pod = job["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["image"] == "registry.example.com/clipgs:0.1.0"
+    assert pod["serviceAccountName"] == "prod-clipgs-worker"
+    assert job["metadata"]["namespace"] == "ml" and pod["imagePullSecrets"] == [
+        {"name": "regcred"}]
+    assert c["envFrom"] == [{"secretRef": {"name": "s3c"}}]
+    assert variables["env"]["AWS_ENDPOINT_URL"] == "https://minio.example.com"
+    assert variables["env"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "release")
+    volume = next(v for v in pod["volumes"] if v["name"] == "release")
+    assert mount["mountPath"] == "/etc/clipgs/release"
+    assert volume["configMap"]["name"] == "prod-clipgs-release-values"
+    assert by_kind(docs, "ConfigMap", "-release-values")
+    # what prefect-kubernetes does to the template's env (a dict) and command (a string)
+    c["env"] = [{"name": k, "value": v} for k, v in variables["env"].items()]
+    c["args"] = ["prefect", "flow-run", "execute"]
+    for drop in ("nodeSelector", "tolerations"):  # null until a deployment sets them
+        pod.pop(drop, None)
+    kubernetes_validate.validate(job, "1.30", strict=True)
+
+
 def test_serving_disruption_budget_selects_the_serving_pods():
     for name, allowed in (("defaults", 1), ("cpu-one-node", "50%")):
         docs = render(VALUE_SETS[name])
@@ -177,6 +278,7 @@ def test_lint():
      "/serving/podDisruptionBudget/maxUnavailable"),
     ({"worker": {"prefectApiUrl": "http://prefect:4200"}}, "/worker/prefectApiUrl"),
     ({"s3": {"credentialsSecret": "My Secret"}}, "/s3/credentialsSecret"),
+    ({"mlflow": {"allowedHosts": ["a.example.com,b.example.com"]}}, "/mlflow/allowedHosts/0"),
     ({"podSecurityContext": {"runAsNonRoot": False}}, "/podSecurityContext/runAsNonRoot"),
     ({"train": {"resources": {"requests": {"cpu": "lots"}, "limits": {}}}}, "/train/resources"),
 ])
@@ -190,6 +292,8 @@ def test_schema_rejects_bad_values(bad, where):
     ({"image": {"tag": "latest"}}, "pin a version"),
     ({"mlflowTrackingUri": ""}, "set mlflowTrackingUri"),
     ({**OWN_MLFLOW, "mlflow": {"enabled": True}}, "mlflow.backendStore.secretName"),
+    ({"serving": {"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}},
+     r"minReplicas \(5\) is above maxReplicas \(2\)"),
 ])
 def test_render_refuses_unsafe_combinations(values, message):
     with pytest.raises(helm.HelmError, match=message):

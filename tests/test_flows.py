@@ -109,7 +109,7 @@ def test_hard_failure_is_not_retried(tmp_path, harness):
     assert run.run_count == 1 and run.state.is_failed()
 
 
-def test_kubernetes_training_objects_from_the_chart():
+def test_kubernetes_training_objects_from_the_chart(tmp_path):
     import kubernetes_validate
     from kubernetes.client import ApiClient
 
@@ -138,10 +138,57 @@ def test_kubernetes_training_objects_from_the_chart():
     assert mounted.tracking.run_name == name and mounted.zero_stage == 3
     assert mounted.output_dir == "/workspace/train" and mounted.data == "s3://clipgs/shards"
 
+    # inside a flow-run pod: the release's values (mounted by the pool's template) underneath
+    from test_chart import release_values_file
+
+    on_cluster = KubeTrainConfig(namespace="ml", release_values=str(release_values_file(
+        tmp_path)), values={"train": {"nodes": 3, "gpusPerNode": 8}})
+    job = next(o for o in train_objects(config, on_cluster, "train-1") if o["kind"] == "Job")
+    pod = job["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["image"] == "registry.example.com/clipgs:0.1.0-gpu" and "--nnodes=3" in c["args"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert {"name": "AWS_ENDPOINT_URL", "value": "https://minio.example.com"} in c["env"]
+    assert {"secretRef": {"name": "s3c"}} in c["envFrom"]
+    assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow:5000"} in c["env"]
+    assert KubeTrainConfig().release_values is None  # not in a flow-run pod here
+
     with pytest.raises(ConfigError, match="s3://"):
         train_objects(TrainConfig(data="work/shards"), kube, "train-x")
     with pytest.raises(ConfigError, match="/train/nodes"):
         train_objects(config, KubeTrainConfig(values={"train": {"nodes": 0}}), "train-x")
+
+
+def test_kubernetes_calls_through_the_real_client(tmp_path, monkeypatch, caplog):
+    """roll_serving and wait() through the real kubernetes client against the API stand-in:
+    a roll patches the annotation; a missing serving Deployment is a warning (serving not
+    installed yet), a refused patch an error; a Job read whose connection drops (past
+    urllib3's own retries) is polled again, not a failed flow with the Job left running."""
+    from kubernetes.client.exceptions import ApiException
+
+    from flows.kube import roll_serving, wait
+    from kubeapi import KubeApi
+
+    api = KubeApi(deployments={"prod-clipgs-serving"}, patch_status=[None, 403], hang_up=6)
+    # the client reads $KUBECONFIG once, at import: point its default there
+    monkeypatch.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION",
+                        str(api.kubeconfig(tmp_path / "kubeconfig")))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    try:
+        assert roll_serving("prod-clipgs-serving", "ml", "7") is True
+        assert api.patches == [("ml", "prod-clipgs-serving", {"spec": {"template": {
+            "metadata": {"annotations": {"clipgs/champion-version": "7"}}}}})]
+        with pytest.raises(ApiException) as refused:
+            roll_serving("prod-clipgs-serving", "ml", "8")
+        assert refused.value.status == 403 and len(api.patches) == 1
+        with caplog.at_level("WARNING", logger="flows.kube"):
+            assert roll_serving("nightly-clipgs-serving", "ml", "8") is False
+        assert "no Deployment ml/nightly-clipgs-serving to roll" in caplog.text
+        done = wait("train-1-clipgs-train", "ml", timeout_s=60, poll_s=0.05)
+        assert done == {"job": "train-1-clipgs-train", "succeeded": 2}
+        assert api.job_reads > 6 and "will poll again" in caplog.text
+    finally:
+        api.close()
 
 
 def test_prefect_yaml_deployments_are_runnable():

@@ -185,6 +185,40 @@ def test_nan_inf_zero_quaternions_and_zero_gaussians_are_refused():
         read_gaussians(_ply_bytes(_cloud(0)), "empty.ply")
 
 
+def test_absurd_scales_names_and_headers():
+    """A finite log-scale too large for exp() is refused (it would be inf in the shards); "#"
+    belongs to a file's name; "end_header" inside a comment is not the end of the header."""
+    cloud = _cloud()
+    cloud.scale[6, 2] = 100.0
+    with pytest.raises(GaussianFormatError, match="log-scale above 80.*gaussian 6") as err:
+        read_gaussians(_ply_bytes(cloud), "big.ply")
+    assert err.value.field == "scale"
+    cloud.scale[6, 2] = 60.0  # large but representable: kept, and activated stays finite
+    assert np.isfinite(read_gaussians(_ply_bytes(cloud), "ok.ply").activated()).all()
+    data = _ply_bytes(_cloud(4))
+    assert len(read_gaussians(data, "scan#1.ply")) == 4
+    commented = data.replace(b"format binary", b"comment see end_header below\nformat binary")
+    assert len(read_gaussians(commented, "c.ply")) == 4
+    empty = b"ply\nformat binary_little_endian 1.0\nelement vertex 2\nend_header\n"
+    with pytest.raises(GaussianFormatError, match="no properties") as err:
+        read_gaussians(empty, "bare.ply")
+    assert err.value.field == "vertex"
+
+
+def test_render_cli_refuses_bad_arguments_in_one_line(shared_data, tmp_path, capsys):
+    src = str(shared_data / "gaussians/splatapult_test.ply")
+    for args, words in ((["--view", "7"], "--view 7 of --views 4"),
+                        (["--views", "0"], "--views 0"), (["--size", "0"], "--size 0"),
+                        (["--out", str(tmp_path / "no" / "v.png")], "no folder")):
+        out = args[1] if args[0] == "--out" else str(tmp_path / "v.png")
+        rest = [a for a in args if a not in ("--out", out)] if args[0] == "--out" else args
+        assert main(["render", src, "--out", out, *rest]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
+    assert main(["render", src, "--out", str(tmp_path / "v.png"), "--size", "32"]) == 0
+    assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_truncated_splat_and_unknown_suffix(shared_data):
     data = (shared_data / "splats/cat/cat_10k.splat").read_bytes()
     with pytest.raises(GaussianFormatError, match="not a multiple of 32"):

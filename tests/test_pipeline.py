@@ -12,29 +12,35 @@ import pytest
 def pipeline_run(tmp_path_factory):
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.pipeline import retrain_pipeline
-
+    from kubernetes.client.exceptions import ApiException
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from clipgs.errors import ClipgsError
-    from flows.pipeline import ARTIFACT_KEY
+    from clipgs.config import PipelineConfig, load_config
+    from flows.pipeline import ARTIFACT_KEY, retrain_flow
+    from kubeapi import KubeApi
 
     root = tmp_path_factory.mktemp("pipeline")
     db = f"sqlite:///{root}/mlflow.db"
     tiny = [f"workdir={root}/work", "primitives_per_class=6", "train.steps=6",
             "train.micro_batch=4", "train.log_every=3", "train.loader_workers=0",
             "ingest.points=512", "ingest.views=2"]
-    with prefect_test_harness(server_startup_timeout=120):
-        # the gate names a metric the evaluation does not produce: the retrain fails at its
-        # last stage, after training
-        with pytest.raises((ClipgsError, KeyError), match="no_such_metric"):
-            retrain_pipeline(overrides=tiny + ["promote.metric=no_such_metric"],
-                             tracking_uri=db)
+    # the serving Deployment lives behind a Kubernetes API stand-in (tests/kubeapi.py) that
+    # refuses the first roll, as a worker whose Role lacks "patch" would see
+    api = KubeApi(deployments={"clipgs-clipgs-serving"}, patch_status=[403])
+    with prefect_test_harness(server_startup_timeout=120), pytest.MonkeyPatch.context() as mp:
+        mp.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION",
+                   str(api.kubeconfig(root / "kubeconfig")))
+        mp.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        config = load_config(PipelineConfig, None, tiny)
+        # the retrain fails at its last stage, after the promotion
+        with pytest.raises(ApiException, match="403"):
+            retrain_flow(config, db, serving_deployment="clipgs-clipgs-serving")
         failed = json.loads((root / "work" / "stages.json").read_text())
-        assert failed["complete"] is False
+        assert failed["complete"] is False and not api.patches
         failed_ledger = failed["stages"]
-        summary = retrain_pipeline(overrides=tiny, tracking_uri=db)
+        summary = retrain_flow(config, db, serving_deployment="clipgs-clipgs-serving")
+        summary["patches"] = api.patches
         # a finished retrain is not resumed: the next one starts afresh
         assert json.loads((root / "work" / "stages.json").read_text())["complete"] is True
         with get_client(sync_client=True) as client:
@@ -48,9 +54,14 @@ def test_failed_retrain_resumes_from_its_last_finished_stage(pipeline_run):
     import mlflow
 
     root, db, summary, failed_ledger, artifacts = pipeline_run
-    assert list(failed_ledger) == ["generate", "ingest", "train", "evaluate", "register"]
+    assert list(failed_ledger) == ["generate", "ingest", "train", "evaluate", "register",
+                                   "promote"]
     assert summary["stages"]["skipped"] == list(failed_ledger)
-    assert summary["stages"]["ran"] == ["promote"]
+    # the promotion is not redone (it would find the version already champion): the roll is
+    assert summary["stages"]["ran"] == ["roll-serving"]
+    version = summary["model"].rsplit("/", 1)[1]
+    assert summary["patches"] == [("default", "clipgs-clipgs-serving", {"spec": {"template": {
+        "metadata": {"annotations": {"clipgs/champion-version": version}}}}})]
     assert summary["training_run_id"] == failed_ledger["train"]["output"]["run_id"]
     mlflow.set_tracking_uri(db)
     training_runs = mlflow.search_runs(experiment_names=["clipgs"],
@@ -59,7 +70,7 @@ def test_failed_retrain_resumes_from_its_last_finished_stage(pipeline_run):
     # the run's artifacts: the metrics table and the decision with its reason
     markdown = next(a for a in artifacts if a.type == "markdown").data
     assert "promoted to champion" in markdown and "zeroshot_top1" in markdown
-    assert "resumed (skipped): generate, ingest, train, evaluate, register" in markdown
+    assert "resumed (skipped): generate, ingest, train, evaluate, register, promote" in markdown
     table = next(a for a in artifacts if a.type == "table").data
     assert "zeroshot_top1" in str(table)
 
@@ -86,6 +97,8 @@ def test_pipeline_ends_with_a_champion(pipeline_run):
 def test_gate_keeps_champion_unless_strictly_better(pipeline_run):
     import mlflow
 
+    from clipgs.config import PromoteConfig
+    from clipgs.errors import ConfigError
     from clipgs.registry.registry import promote, register
 
     root, db, summary, *_ = pipeline_run
@@ -94,6 +107,9 @@ def test_gate_keeps_champion_unless_strictly_better(pipeline_run):
     before = client.get_model_version_by_alias("clipgs", "champion").version
     v2 = register(summary["training_run_id"], db)  # same weights: equal, so not better
     assert str(client.get_model_version_by_alias("clipgs", "challenger").version) == v2
+    with pytest.raises(ConfigError, match="gate metric 'no_such_metric'"):
+        promote("clipgs", str(root / "work" / "shards"), db,
+                PromoteConfig(metric="no_such_metric"))
     decision = promote("clipgs", str(root / "work" / "shards"), db)
     assert decision["promoted"] is False and "kept the champion" in decision["reason"]
     assert client.get_model_version_by_alias("clipgs", "champion").version == before

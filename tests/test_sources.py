@@ -153,12 +153,14 @@ def test_bad_sidecars_and_oversized_files_reject_only_their_object(tmp_path, mon
     from clipgs.data import sources
 
     src = tmp_path / "assets"
-    for name in ("good", "listmeta", "badjson", "huge"):
+    for name in ("good", "listmeta", "badjson", "huge", "badtags", "nulltags"):
         (src / name).mkdir(parents=True)
         (src / name / f"{name}.obj").write_text(_box((9, 9, 9)).export(file_type="obj"))
     (src / "good" / "thumb.png").write_bytes(b"not a png")  # a broken view: rendered instead
     (src / "listmeta" / "meta.json").write_text("[1, 2]")
     (src / "badjson" / "meta.json").write_text("{title:")
+    (src / "badtags" / "meta.json").write_text('{"title": "a box", "tags": 5}')
+    (src / "nulltags" / "meta.json").write_text('{"title": "a box", "tags": null}')
     (src / "huge" / "huge.obj").write_text("v 0 0 0\n" * 5000)
     monkeypatch.setattr(sources, "MAX_FILE_BYTES", 20_000)
     assets = {a.key: a for a in discover(str(src), mesh_samples=200)}
@@ -168,7 +170,9 @@ def test_bad_sidecars_and_oversized_files_reject_only_their_object(tmp_path, mon
             asset.load()
         except GaussianFormatError as err:
             errors[key] = str(err)
-    assert set(errors) == {"listmeta", "badjson", "huge"}
+    assert set(errors) == {"listmeta", "badjson", "huge", "badtags"}
+    assert "field 'tags' is 5; expected a list of strings" in errors["badtags"]
+    assert assets["nulltags"].caption == "a box"
     assert "a JSON list; expected an object" in errors["listmeta"]
     assert "not valid JSON" in errors["badjson"] and "over the limit" in errors["huge"]
     from clipgs.data.ingest import make_triplet
@@ -222,6 +226,64 @@ def test_cli_ingests_everything_locally_and_from_s3_without_redoing_work(
         assert again["shards_skipped"] == first["shards_written"]
         assert {k: again[k] for k in ("train", "test")} == {k: first[k] for k in ("train", "test")}
     assert runs["local", 0]["train"] == runs["s3", 0]["train"]
+
+
+def test_keys_are_never_empty_and_bad_grid_files_reject_only_themselves(tmp_path):
+    """Names beyond ASCII keep distinct, non-empty keys; a single file given as the source is
+    keyed by its name; a grid file that is not an .npz, or one grid's label outside the
+    classes, is a rejected asset, not a crash that loses the rest."""
+    import io
+
+    src = tmp_path / "assets"
+    src.mkdir()
+    box = _box((9, 9, 9)).export(file_type="obj")
+    for name in ("猫.obj", "犬.obj", "chair猫.obj", "plain.obj"):
+        (src / name).write_text(box)
+    (src / "broken.npz").write_bytes(b"PK\x03\x04garbage")
+    grids = np.zeros((3, 8, 8, 8), np.int32)
+    grids[:, 2:6, 2:6, 2:6] = 1
+    buf = io.BytesIO()
+    np.savez(buf, X_train=grids, y_train=np.array([0, 7, 1]), X_test=grids[:1],
+             y_test=np.array([1]), classes=np.array(["box", "cube"]))
+    (src / "grids.npz").write_bytes(buf.getvalue())
+    assets = {a.key: a for a in discover(str(src))}
+    assert "" not in assets and "plain" in assets
+    hashed = [k for k in assets if k not in ("plain", "broken") and not k.startswith("grids")]
+    assert len(hashed) == 3 and any(k.startswith("chair_") for k in hashed)
+    errors = {}
+    for key, asset in assets.items():
+        if key.startswith(("grids", "broken")):
+            try:
+                asset.load()
+            except GaussianFormatError as err:
+                errors[key] = err
+    assert set(errors) == {"broken", "grids_train_00001"}
+    assert "not a readable .npz" in str(errors["broken"])
+    assert errors["grids_train_00001"].field == "y_train[1]"
+    assert "label 7; expected 0..1" in str(errors["grids_train_00001"])
+    assert assets["grids_train_00002"].label == "cube"
+    (single,) = discover(str(src / "plain.obj"))
+    assert single.key == "plain_obj"
+    (again,) = discover(f"{src}//plain.obj")
+    assert again.key == "plain_obj"
+
+
+def test_mesh_resources_stay_beside_the_mesh(tmp_path):
+    """A .gltf from an untrusted source cannot make ingestion read files elsewhere (data: URIs
+    are decoded by trimesh itself and never reach the resolver)."""
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.zeros(36, np.float32).tobytes())
+    for uri in (str(secret), "../secret.bin", "file:///etc/hostname"):
+        gltf = {"asset": {"version": "2.0"}, "buffers": [{"uri": uri, "byteLength": 36}],
+                "bufferViews": [{"buffer": 0, "byteLength": 36}],
+                "accessors": [{"bufferView": 0, "componentType": 5126, "count": 3,
+                               "type": "VEC3", "min": [0, 0, 0], "max": [1, 1, 1]}],
+                "meshes": [{"primitives": [{"attributes": {"POSITION": 0}}]}],
+                "nodes": [{"mesh": 0}], "scenes": [{"nodes": [0]}], "scene": 0}
+        folder = tmp_path / "mesh"
+        folder.mkdir(exist_ok=True)
+        with pytest.raises(GaussianFormatError, match="expected a relative path inside"):
+            read_gaussians(json.dumps(gltf).encode(), str(folder / "m.gltf"))
 
 
 def test_empty_occupancy_grid_names_its_array():

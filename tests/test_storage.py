@@ -94,3 +94,17 @@ def test_large_shards_stream_through_the_read_ahead_reader(s3_server, monkeypatc
     assert got == data
     monkeypatch.setattr(shards, "S3_WHOLE_BYTES", 2**30)
     assert shards._open_s3(f"{s3_server}/big.bin").read() == data
+
+
+def test_s3_keys_with_query_and_fragment_characters(s3_server, shared_data):
+    """"?" and "#" are part of an S3 key, not a URL's query or fragment: such objects are
+    listed, read and ingested like any other."""
+    from clipgs.data.sources import discover
+
+    data = (shared_data / "splats/cat/cat_10k.splat").read_bytes()
+    for name in ("scan#1.splat", "what?.splat"):
+        storage.write_bytes(f"{s3_server}/odd/{name}", data)
+        assert storage.read_bytes(f"{s3_server}/odd/{name}") == data
+    assets = discover(f"{s3_server}/odd")
+    assert sorted(a.key for a in assets) == ["scan_1", "what"]
+    assert all(len(a.load()) == 10_000 for a in assets)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from clipgs.config import TrainConfig, load_config
-from clipgs.errors import ConfigError
+from clipgs.errors import ClipgsError, ConfigError
 from clipgs.train.engine import deepspeed_config
 from tests.conftest import free_port
 
@@ -254,10 +254,17 @@ def test_zero3_from_s3_resumes_from_the_mirror(tiny_dataset, tmp_path, s3_server
     overrides = [f"data={data}", f"output_dir={out}", "zero_stage=3",
                  "activation_checkpointing=true", f"checkpoint_mirror={s3_server}/ckpt",
                  "keep_checkpoints=1", *TINY]
-    assert main(["train", "--nproc", "2", "--tracking-uri", db, *overrides, "stop_at=2"]) == 0
+    # named as the Kubernetes flow names each Job's run: job 2 re-opens job 1's run
+    assert main(["train", "--nproc", "2", "--tracking-uri", db, *overrides, "stop_at=2",
+                 "tracking.run_name=job-1"]) == 0
     shutil.rmtree(out / "checkpoints")
-    assert main(["train", "--nproc", "2", "--tracking-uri", db, *overrides]) == 0
+    assert main(["train", "--nproc", "2", "--tracking-uri", db, *overrides,
+                 "tracking.run_name=job-2"]) == 0
     result = check_resumed(out, db, overrides)
+    from flows.kube import training_result
+    assert training_result(db, "clipgs", "job-2")["run_id"] == result["run_id"]
+    with pytest.raises(ClipgsError, match="no finished run named job-1"):
+        training_result(db, "clipgs", "job-1")
     mirrored = {u.split("/ckpt/")[1] for u in storage.list_files(f"{s3_server}/ckpt")}
     assert "step0000004/clipgs_checkpoint.json" in mirrored
     assert not any(m.startswith("step0000002/") for m in mirrored)  # pruned: keep 1

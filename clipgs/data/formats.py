@@ -12,10 +12,10 @@ from __future__ import annotations
 import io
 import logging
 import os
+import posixpath
 import struct
 import tempfile
 import zlib
-from pathlib import Path
 
 import numpy as np
 
@@ -38,6 +38,18 @@ POINT_SUFFIXES = (".xyz",)
 FORMATS = GAUSSIAN_SUFFIXES + MESH_SUFFIXES + POINT_SUFFIXES
 # how far from unit length a quaternion may be before normalising it earns a warning
 QUAT_TOLERANCE = 1e-3
+# log-scales above this are no splat: exp() of them overflows float32 near 88.7, and the
+# activated scale (exp / the object's radius) with them
+MAX_LOG_SCALE = 80.0
+
+
+def file_suffix(path: str) -> str:
+    """A file's suffix, lower case. "#" is part of the name ("scan#1.ply"); only where the
+    name itself has no known suffix is the part after the last "#" taken for a fragment."""
+    suffix = posixpath.splitext(path)[1].lower()
+    if suffix not in FORMATS and "#" in path:
+        suffix = posixpath.splitext(path.rsplit("#", 1)[0])[1].lower()
+    return suffix
 
 
 def _check_finite(path: str, name: str, values: np.ndarray) -> None:
@@ -84,11 +96,23 @@ def finish(path: str, cloud: GaussianCloud, tolerance: float = QUAT_TOLERANCE,
         finite, zero, off = scan(matrix, rot_column, tolerance)
         if finite and zero == 0:
             _warn_off_unit(path, off, len(cloud))
-            return cloud
+            return _check_scale(path, cloud)
     for name in ("xyz", "f_dc", "opacity", "scale", "rotation", "f_rest", "normals"):
         if getattr(cloud, name) is not None:
             _check_finite(path, name, getattr(cloud, name))
     _check_rotation(path, cloud.rotation, tolerance)
+    return _check_scale(path, cloud)
+
+
+def _check_scale(path: str, cloud: GaussianCloud) -> GaussianCloud:
+    """Finite but absurd log-scales would turn into inf in the shards (and blank renders)."""
+    high = cloud.scale.max(axis=1) > MAX_LOG_SCALE
+    if high.any():
+        row = int(np.argmax(high))
+        raise GaussianFormatError(
+            path, f"{int(high.sum())} gaussians with a log-scale above {MAX_LOG_SCALE:g} (first "
+            f"at gaussian {row}: {float(cloud.scale[row].max()):g}); expected natural-log "
+            "scales, whose exp fits float32", field="scale")
     return cloud
 
 
@@ -219,7 +243,7 @@ def read_splat(data: bytes, path: str = "<bytes>") -> GaussianCloud:
 
 def _read(source: bytes | str, path: str, mesh_samples: int, seed: int,
           suffix: str | None = None) -> GaussianCloud:
-    suffix = suffix or Path(path.split("#")[0]).suffix.lower()
+    suffix = suffix or file_suffix(path)
     if suffix == ".ply":
         head = ply.read_head(source) if isinstance(source, str) else source[:ply.MAX_HEADER_BYTES]
         header = ply.parse_header(bytes(head), path)

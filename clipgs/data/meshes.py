@@ -136,7 +136,14 @@ def _resolver(path: str):
             self.base = base
 
         def get(self, name: str) -> bytes:
-            return storage.read_bytes(storage.join(self.base, name.replace("\\", "/")))
+            # only files beside the mesh (or below it): a mesh from an untrusted source must
+            # not make ingestion read /etc/... or another tenant's prefix into a shard
+            clean = name.replace("\\", "/")
+            if clean.startswith("/") or ":" in clean or ".." in clean.split("/"):
+                raise GaussianFormatError(path, f"names the resource {name!r}; expected a "
+                                          "relative path inside the mesh's folder",
+                                          field="uri")
+            return storage.read_bytes(storage.join(self.base, clean))
 
         def keys(self):
             return iter(())
@@ -147,9 +154,8 @@ def _resolver(path: str):
         def namespaced(self, namespace: str):
             return StorageResolver(storage.join(self.base, namespace))
 
-    base = path.split("#")[0]
-    base = posixpath.dirname(base) if storage.is_s3(base) else os.path.dirname(
-        base.removeprefix("file://"))
+    base = posixpath.dirname(path) if storage.is_s3(path) else os.path.dirname(
+        path.removeprefix("file://"))
     return StorageResolver(base)
 
 
@@ -158,7 +164,9 @@ def load_mesh_gaussians(data: bytes, path: str, count: int, seed: int = 0) -> Ga
     surface splats."""
     import trimesh
 
-    suffix = posixpath.splitext(path.split("#")[0])[1].lower().lstrip(".")
+    from clipgs.data.formats import file_suffix
+
+    suffix = file_suffix(path).lstrip(".")
     try:
         loaded = trimesh.load(io.BytesIO(data), file_type=suffix, resolver=_resolver(path),
                               process=False)

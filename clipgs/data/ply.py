@@ -11,6 +11,7 @@ cloud (vertices with positions and maybe colours).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -59,7 +60,9 @@ def parse_header(head: bytes, path: str) -> Header:
     """The header of a PLY file from its first bytes (at least up to ``end_header``)."""
     if not head.startswith(b"ply"):
         raise GaussianFormatError(path, "not a .ply: the file does not start with 'ply'")
-    end = head.find(b"end_header", 0, MAX_HEADER_BYTES)
+    # the line that is end_header, not those words inside a comment line
+    found = re.search(rb"(?m)^end_header[ \t\r]*$", head[:MAX_HEADER_BYTES])
+    end = found.start() if found else -1
     if end < 0:
         raise GaussianFormatError(path, f"no 'end_header' in the first {MAX_HEADER_BYTES} bytes;"
                                   " expected a PLY header (truncated or not a .ply)")
@@ -143,6 +146,9 @@ def read_vertices(source: bytes | memoryview | str, header: Header, path: str
     if header.elements[0] is not vertex:
         raise GaussianFormatError(path, f"binary body with '{header.elements[0].name}' before "
                                   "'vertex'; expected 'vertex' first", field="vertex")
+    if not vertex.properties:
+        raise GaussianFormatError(path, "the 'vertex' element has no properties; expected "
+                                  "x, y, z and the rest", field="vertex")
     order = FORMATS[header.format]
     types = {t for _, t in vertex.properties}
     uniform = types == {"f4"}

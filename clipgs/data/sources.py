@@ -19,8 +19,8 @@ import io
 import json
 import posixpath
 import re
-import zlib
 import os
+import zlib
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,7 +32,7 @@ from scipy.spatial.transform import Rotation
 
 from clipgs.data.formats import FORMATS, GAUSSIAN_SUFFIXES, read_gaussians
 from clipgs.data.gaussians import GaussianCloud
-from clipgs.data.storage import list_sizes, read_bytes
+from clipgs.data.storage import is_s3, list_sizes, read_bytes
 from clipgs.errors import GaussianFormatError, StorageError
 
 MODELNET10_CLASSES = ("bathtub", "bed", "chair", "desk", "dresser", "monitor", "night_stand",
@@ -57,7 +57,14 @@ class Asset:
 
 
 def safe_key(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")
+    """A webdataset key from a path: runs of anything but [A-Za-z0-9_-] become one "_". A name
+    with characters beyond ASCII (or none left) also gets a short hash of itself, so that
+    "猫" and "犬" stay two objects and no key is empty; ASCII names keep their plain keys."""
+    key = re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")
+    if not key or not text.isascii():
+        digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+        key = f"{key}_{digest}" if key else digest
+    return key
 
 
 def hashed_split(key: str) -> str:
@@ -104,6 +111,13 @@ def _meta(url: str | None, fetched: dict) -> dict:
     if not isinstance(meta, dict):
         return {"_error": f"{url}: a JSON {type(meta).__name__}; expected an object with a "
                           "title"}
+    tags = meta.get("tags")
+    if tags is None:
+        meta["tags"] = []
+    elif not isinstance(tags, list) or not all(isinstance(t, (str, int, float))
+                                               for t in tags):
+        return {"_error": f"{url}: field 'tags' is {json.dumps(tags)[:60]}; expected a list "
+                          "of strings"}
     return meta
 
 
@@ -227,35 +241,89 @@ def voxels_to_gaussians(grid: np.ndarray, path: str = "<grid>", field: str | Non
         opacity=np.full(n, 0.9, np.float32), scale=scale, rotation=rotation)
 
 
-def _grid_assets(url: str, root: str, limit: int | None) -> list[Asset]:
-    data = np.load(io.BytesIO(read_bytes(url)), allow_pickle=False)
-    missing = [k for k in ("X_train", "y_train", "X_test", "y_test") if k not in data.files]
-    if missing:
-        raise GaussianFormatError(url, f"missing arrays {missing}; expected X_train, y_train, "
-                                  "X_test, y_test", field=missing[0])
-    if "classes" in data.files:
-        classes = [str(c) for c in data["classes"]]
-    elif int(max(data["y_train"].max(), data["y_test"].max())) < len(MODELNET10_CLASSES):
-        classes = list(MODELNET10_CLASSES)
-    else:
+def _grid_prefix(url: str, root: str) -> str:
+    return safe_key(posixpath.splitext(posixpath.relpath(url, root) if url != root
+                                       else posixpath.basename(url))[0])
+
+
+def _unreadable_grids(url: str, root: str, error: GaussianFormatError) -> list[Asset]:
+    """A grid file that cannot be used at all: one rejected asset that says why."""
+    def load() -> GaussianCloud:
+        raise error
+
+    key = _grid_prefix(url, root)
+    return [Asset(key=key, source=url, caption="", split=hashed_split(key), load=load)]
+
+
+def _grid_arrays(url: str) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The split arrays and class names of a grid file, checked: shapes, lengths, dtypes."""
+    import zipfile
+
+    try:
+        data = np.load(io.BytesIO(read_bytes(url)), allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise GaussianFormatError(url, "a single array; expected an .npz archive")
+        missing = [k for k in ("X_train", "y_train", "X_test", "y_test")
+                   if k not in data.files]
+        if missing:
+            raise GaussianFormatError(url, f"missing arrays {missing}; expected X_train, "
+                                      "y_train, X_test, y_test", field=missing[0])
+        arrays = {k: data[k] for k in ("X_train", "y_train", "X_test", "y_test")}
+        names = [str(c) for c in data["classes"]] if "classes" in data.files else None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise GaussianFormatError(url, f"not a readable .npz ({type(exc).__name__}: {exc})"
+                                  ) from None
+    for split in ("train", "test"):
+        X, y = arrays[f"X_{split}"], arrays[f"y_{split}"]
+        if X.ndim != 4 or X.dtype.kind not in "biuf":
+            raise GaussianFormatError(url, f"shape {X.shape} {X.dtype}; expected numeric "
+                                      "[N, D, H, W] occupancy grids", field=f"X_{split}")
+        if y.shape != (len(X),) or y.dtype.kind not in "iu":
+            raise GaussianFormatError(url, f"shape {y.shape} {y.dtype}; expected {len(X)} "
+                                      "integer labels, one per grid", field=f"y_{split}")
+    if names is not None:
+        return arrays, names
+    top = max((int(arrays[k].max()) for k in ("y_train", "y_test") if len(arrays[k])),
+              default=-1)
+    if top >= len(MODELNET10_CLASSES):
         raise GaussianFormatError(url, "no 'classes' array and labels beyond ModelNet10's "
                                   "ten; expected class names", field="classes")
-    prefix = safe_key(posixpath.splitext(posixpath.relpath(url, root) if url != root
-                                         else posixpath.basename(url))[0])
+    return arrays, list(MODELNET10_CLASSES)
+
+
+def _grid_assets(url: str, root: str, limit: int | None) -> list[Asset]:
+    try:
+        arrays, classes = _grid_arrays(url)
+    except (GaussianFormatError, StorageError) as exc:
+        error = exc if isinstance(exc, GaussianFormatError) else GaussianFormatError(
+            url, str(exc))
+        return _unreadable_grids(url, root, error)
+    prefix = _grid_prefix(url, root)
     assets = []
     for split in ("train", "test"):
-        X, y = data[f"X_{split}"], data[f"y_{split}"]
+        X, y = arrays[f"X_{split}"], arrays[f"y_{split}"]
         index = np.arange(len(X))
         if limit is not None and limit < len(X):  # evenly spaced keeps the class balance
             index = np.unique(np.linspace(0, len(X) - 1, limit).round().astype(int))
         for i in index:
+            where = f"{url}#{split}/{i}"
+            if not 0 <= int(y[i]) < len(classes):  # this grid is rejected, not the file
+                error = GaussianFormatError(where, f"label {int(y[i])}; expected 0.."
+                                            f"{len(classes) - 1} ({len(classes)} classes)",
+                                            field=f"y_{split}[{i}]")
+
+                def load(error=error) -> GaussianCloud:
+                    raise error
+
+                assets.append(Asset(key=f"{prefix}_{split}_{i:05d}", source=where,
+                                    caption="", split=split, load=load))
+                continue
             label = classes[int(y[i])]
 
-            def load(grid=X[i], where=f"{url}#{split}/{i}", field=f"X_{split}[{i}]"
-                     ) -> GaussianCloud:
+            def load(grid=X[i], where=where, field=f"X_{split}[{i}]") -> GaussianCloud:
                 return voxels_to_gaussians(grid, where, field)
 
-            assets.append(Asset(key=f"{prefix}_{split}_{i:05d}", source=f"{url}#{split}/{i}",
+            assets.append(Asset(key=f"{prefix}_{split}_{i:05d}", source=where,
                                 caption=PROMPT.format(class_text(label)), split=split,
                                 load=load, label=label))
     return assets
@@ -266,8 +334,9 @@ def discover(source: str, limit: int | None = None, mesh_samples: int = 10_000) 
     with ``mesh_samples`` gaussians."""
     sizes = list_sizes(source)
     files = list(sizes)
-    root = source.rstrip("/") if len(files) != 1 or files[0] != source else posixpath.dirname(
-        source)
+    single = len(files) == 1 and (files[0] == source or not is_s3(source) and
+                                  os.path.normpath(files[0]) == os.path.normpath(source))
+    root = (posixpath.dirname(files[0]) or ".") if single else source.rstrip("/")
     assets = _object_assets(sizes, root, mesh_samples)
     for f in files:
         if f.lower().endswith(".npz"):

@@ -11,7 +11,6 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 from clipgs.errors import StorageError
 
@@ -34,8 +33,10 @@ def _local(url: str) -> Path:
 
 
 def _split(url: str) -> tuple[str, str]:
-    parsed = urlparse(url)
-    return parsed.netloc, parsed.path.lstrip("/")
+    """Bucket and key, split by hand: a key may hold "?" and "#", which a URL parser would
+    take for a query and a fragment."""
+    bucket, _, key = str(url).removeprefix("s3://").partition("/")
+    return bucket, key.lstrip("/")
 
 
 @functools.lru_cache(maxsize=None)

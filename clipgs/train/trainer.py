@@ -200,7 +200,7 @@ class Tracker:
 
     def __init__(self, config: TrainConfig, manifest: dict, ds_config: dict, world_size: int,
                  run_id: str | None, start_step: int):
-        from clipgs.tracking import BufferedMetrics, git_commit, setup_mlflow
+        from clipgs.tracking import RUN_NAME_TAG, BufferedMetrics, git_commit, setup_mlflow
 
         self.config = config
         self.mlflow = mlflow = setup_mlflow(config.tracking.tracking_uri,
@@ -224,6 +224,9 @@ class Tracker:
             "clipgs.config_sha256": hashlib.sha256(config_yaml.encode()).hexdigest(),
             "clipgs.config": json.dumps(config.model_dump(mode="json"))[:5000],
             "clipgs.world_size": str(world_size), "clipgs.resumed_from_step": str(start_step)})
+        if config.tracking.run_name:  # a resumed run keeps its first name: this tag is the
+            # latest launch's, which is how a Kubernetes training flow finds its run
+            mlflow.set_tag(RUN_NAME_TAG, config.tracking.run_name)
         log.info("config:\n%s", config_yaml)
         log.info("deepspeed config: %s", json.dumps(ds_config))
         self.metrics = BufferedMetrics(self.run_id, config.tracking.tracking_uri,

@@ -38,6 +38,16 @@ http://{{ include "clipgs.fullname" . }}-mlflow:{{ .Values.mlflow.port }}
 {{- end -}}
 {{- end -}}
 
+{{/* Host headers the chart's MLflow server accepts: its Service by every in-cluster DNS name,
+     with or without the port, localhost (probes, kubectl port-forward) and mlflow.allowedHosts */}}
+{{- define "clipgs.mlflowAllowedHosts" -}}
+{{- $svc := printf "%s-mlflow" (include "clipgs.fullname" .) -}}
+{{- $hosts := list $svc (printf "%s.%s" $svc .Release.Namespace) (printf "%s.%s.svc" $svc .Release.Namespace) (printf "%s.%s.svc.cluster.local" $svc .Release.Namespace) "localhost" "127.0.0.1" -}}
+{{- $all := list -}}
+{{- range $hosts }}{{ $all = append (append $all .) (printf "%s:*" .) }}{{ end -}}
+{{- join "," (concat $all .Values.mlflow.allowedHosts) -}}
+{{- end -}}
+
 {{/* environment every clipgs container gets: MLflow, S3 endpoint; writable HOME on /tmp */}}
 {{- define "clipgs.env" -}}
 - name: MLFLOW_TRACKING_URI
