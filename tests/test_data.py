@@ -130,6 +130,13 @@ def test_ingest_resumes_and_reports_bad_objects(shared_data, tmp_path, teacher):
     s = samples[0]
     assert s["gaussians"].shape == (512, 14) and s["img_emb"].shape[0] == 2
     assert s["img_emb"].dtype == np.float16 and s["views"].shape[0] == 2
+    # an object fixed in place (same key, new bytes) redoes its shard, and only that one
+    cube = next((src / "cube").glob("*.splat")).read_bytes()
+    (src / "broken" / "broken.splat").write_bytes(cube)
+    fixed = ingest(str(src), str(out), config, teacher=teacher)
+    assert fixed.written_shards == 1 and fixed.skipped_shards == first.written_shards - 1
+    assert fixed.manifest["rejected"] == 0 and not fixed.rejects
+    assert sum(fixed.manifest["splits"][s]["count"] for s in ("train", "test")) == 4
     # a shard whose plan (config) changed is redone
     third = ingest(str(src), str(out), IngestConfig(shard_size=2, points=256, views=2),
                    teacher=teacher)

@@ -55,6 +55,18 @@ def test_upload_that_keeps_failing_leaves_nothing(proxied, monkeypatch):
     assert not storage.s3_client().list_multipart_uploads(Bucket=b).get("Uploads")
 
 
+def test_exists_says_absent_only_when_the_store_says_so(proxied):
+    bucket, make = proxied
+    storage.write_bytes(f"{bucket}/here.json", b"{}")
+    assert storage.exists(f"{bucket}/here.json") and not storage.exists(f"{bucket}/gone.json")
+    proxy = make(failures=0)
+    proxy.drop = 10_000  # the store hangs up on every connection
+    storage._client_for_pid.cache_clear()
+    with pytest.raises(StorageError, match="gone.json: cannot tell whether it exists"):
+        storage.exists(f"{bucket}/gone.json")
+    assert proxy.dropped > 0
+
+
 def test_interrupted_ingest_to_s3_resumes(proxied, shared_data, teacher, monkeypatch):
     bucket, make = proxied
     src = f"{bucket}/assets"

@@ -226,10 +226,13 @@ def ingest(source: str, output: str, config: IngestConfig | None = None,
     todo = []
     for split, name, items in plan:  # finished shards (record matches the plan) are skipped
         plan_hash = _plan_hash(config, identity["sha256"], [a.key for a in items])
+        # and the same versions of their files: an object fixed or changed in place (same
+        # key) redoes its shard; a record from before versions were kept is taken as is
+        versions = {a.key: a.version for a in items}
         record_url = storage.join(output, name + ".json")
         if storage.exists(record_url) and storage.exists(storage.join(output, name)):
             record = json.loads(storage.read_bytes(record_url))
-            if record.get("plan") == plan_hash:
+            if record.get("plan") == plan_hash and record.get("versions", versions) == versions:
                 records[name] = record
                 continue
         todo.append((split, name, items, plan_hash, record_url))
@@ -251,7 +254,8 @@ def ingest(source: str, output: str, config: IngestConfig | None = None,
             progress.set_postfix(rejects=rejected, refresh=False)
         record = _write_shard(name, made, config, teacher, texts, clock)
         data = record.pop("_data")
-        record.update(split=split, plan=plan_hash)
+        record.update(split=split, plan=plan_hash,
+                      versions={a.key: a.version for a in items})
         with clock("write"):
             storage.write_bytes(storage.join(output, name), data, config.multipart_mb)  # whole
             storage.write_bytes(record_url, json.dumps(record).encode())  # then its record

@@ -32,7 +32,7 @@ from scipy.spatial.transform import Rotation
 
 from clipgs.data.formats import FORMATS, GAUSSIAN_SUFFIXES, read_gaussians
 from clipgs.data.gaussians import GaussianCloud
-from clipgs.data.storage import is_s3, list_sizes, read_bytes
+from clipgs.data.storage import is_s3, list_stats, read_bytes
 from clipgs.errors import GaussianFormatError, StorageError
 
 MODELNET10_CLASSES = ("bathtub", "bed", "chair", "desk", "dresser", "monitor", "night_stand",
@@ -54,6 +54,13 @@ class Asset:
     load: Callable[[], GaussianCloud]
     label: str | None = None
     image_urls: list[str] = field(default_factory=list)
+    # changes when any file the object is made from does (a re-run then redoes its shard)
+    version: str = ""
+
+
+def _version(stats: dict[str, tuple[int, str]], urls: list[str | None]) -> str:
+    blob = "|".join(f"{u}:{stats[u][0]}:{stats[u][1]}" for u in urls if u and u in stats)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
 def safe_key(text: str) -> str:
@@ -121,7 +128,9 @@ def _meta(url: str | None, fetched: dict) -> dict:
     return meta
 
 
-def _object_assets(sizes: dict[str, int], root: str, mesh_samples: int) -> list[Asset]:
+def _object_assets(stats: dict[str, tuple[int, str]], root: str, mesh_samples: int
+                   ) -> list[Asset]:
+    sizes = {url: size for url, (size, _) in stats.items()}
     by_dir: dict[str, list[str]] = defaultdict(list)
     for f in sizes:
         by_dir[posixpath.dirname(f)].append(f)
@@ -169,7 +178,8 @@ def _object_assets(sizes: dict[str, int], root: str, mesh_samples: int) -> list[
 
         assets.append(Asset(key=key, source=f, caption=caption, split=split, load=load,
                             label=str(label) if label is not None else None,
-                            image_urls=images))
+                            image_urls=images,
+                            version=_version(stats, [f, meta_url, txt, *images])))
     return assets
 
 
@@ -332,15 +342,18 @@ def _grid_assets(url: str, root: str, limit: int | None) -> list[Asset]:
 def discover(source: str, limit: int | None = None, mesh_samples: int = 10_000) -> list[Asset]:
     """Every object in a folder, file or ``s3://`` prefix, sorted by key. Meshes are splatted
     with ``mesh_samples`` gaussians."""
-    sizes = list_sizes(source)
-    files = list(sizes)
+    stats = list_stats(source)
+    files = list(stats)
     single = len(files) == 1 and (files[0] == source or not is_s3(source) and
                                   os.path.normpath(files[0]) == os.path.normpath(source))
     root = (posixpath.dirname(files[0]) or ".") if single else source.rstrip("/")
-    assets = _object_assets(sizes, root, mesh_samples)
+    assets = _object_assets(stats, root, mesh_samples)
     for f in files:
         if f.lower().endswith(".npz"):
-            assets += _grid_assets(f, root, limit)
+            grids = _grid_assets(f, root, limit)
+            for a in grids:
+                a.version = _version(stats, [f])
+            assets += grids
     seen: dict[str, str] = {}
     for a in assets:
         if a.key in seen:

@@ -115,18 +115,27 @@ def upload_file_bytes(url: str, data: bytes, multipart_mb: int | None = None) ->
 
 
 def exists(url: str) -> bool:
+    """Whether the object is there. Only the store's "not found" is False: an unreachable or
+    refusing store is an error, not an answer (ingestion removes a manifest before it rewrites
+    shards only if it sees it, so "cannot tell" must not read as "absent")."""
     if is_s3(url):
         bucket, key = _split(url)
         try:
             s3_client().head_object(Bucket=bucket, Key=key)
             return True
-        except Exception:
-            return False
+        except Exception as exc:
+            response = getattr(exc, "response", None) or {}
+            code = str(response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StorageError(f"{url}: cannot tell whether it exists ({exc})") from None
     return _local(url).exists()
 
 
-def list_sizes(url: str) -> dict[str, int]:
-    """Every file under a folder or ``s3://`` prefix -> its size in bytes, sorted by URL."""
+def list_stats(url: str) -> dict[str, tuple[int, str]]:
+    """Every file under a folder or ``s3://`` prefix -> (size in bytes, version), sorted by
+    URL. The version changes when the file does: its ETag in S3, its modification time (ns)
+    on a local disk."""
     if is_s3(url):
         bucket, prefix = _split(url)
         prefix = prefix.rstrip("/") + "/" if prefix else ""
@@ -135,18 +144,29 @@ def list_sizes(url: str) -> dict[str, int]:
             for page in s3_client().get_paginator("list_objects_v2").paginate(
                 Bucket=bucket, Prefix=prefix
             ):
-                out.update({f"s3://{bucket}/{o['Key']}": int(o["Size"])
+                out.update({f"s3://{bucket}/{o['Key']}": (int(o["Size"]),
+                                                          str(o.get("ETag", "")).strip('"'))
                             for o in page.get("Contents", [])})
         except Exception as exc:
             raise StorageError(f"{url}: cannot list ({exc})") from None
         return dict(sorted(out.items()))
     root = _local(url)
+
+    def stat(p: Path) -> tuple[int, str]:
+        st = p.stat()
+        return st.st_size, str(st.st_mtime_ns)
+
     if root.is_file():
-        return {str(root): root.stat().st_size}
+        return {str(root): stat(root)}
     if not root.is_dir():
         raise StorageError(f"{url}: no such file or folder")
-    return {str(p): p.stat().st_size for p in sorted(root.rglob("*"))
+    return {str(p): stat(p) for p in sorted(root.rglob("*"))
             if p.is_file() and not p.name.startswith(".")}
+
+
+def list_sizes(url: str) -> dict[str, int]:
+    """Every file under a folder or ``s3://`` prefix -> its size in bytes, sorted by URL."""
+    return {k: size for k, (size, _) in list_stats(url).items()}
 
 
 def list_files(url: str) -> list[str]:
