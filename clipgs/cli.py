@@ -83,13 +83,15 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from clipgs.config import EvalConfig, load_config
-    from clipgs.eval.evaluate import evaluate, log_to_mlflow
+    from clipgs.eval.evaluate import check_run, evaluate, log_to_mlflow
 
     config = load_config(EvalConfig, args.config, args.overrides)
     if args.model.startswith(("models:/", "runs:/")) or args.run_id:
         import mlflow
 
         mlflow.set_tracking_uri(_tracking(args))
+    if args.run_id:
+        check_run(args.run_id, _tracking(args))
     result = evaluate(args.model, args.data, config)
     out = {"metrics": result["metrics"], "per_class_accuracy": result["per_class"]}
     if args.run_id or args.log:
@@ -115,7 +117,7 @@ def cmd_register(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    from clipgs.config import EvalConfig, PromoteConfig, load_config
+    from clipgs.config import EvalConfig, PromoteConfig, load_config, validate
     from clipgs.registry.registry import promote, rollback
 
     if args.rollback:
@@ -128,7 +130,9 @@ def cmd_promote(args) -> int:
         gate["guard_metrics"] = [g for g in args.guard if g]
     if args.tolerance is not None:
         gate["guard_tolerance"] = args.tolerance
-    decision = promote(args.name, args.data, _tracking(args), PromoteConfig(**gate),
+    gate_config = validate(PromoteConfig, gate, "promote gate (--metric, --margin, --guard, "
+                           "--tolerance): ")
+    decision = promote(args.name, args.data, _tracking(args), gate_config,
                        args.version, load_config(EvalConfig, args.config, args.overrides))
     print(decision["reason"], file=sys.stderr)
     print(json.dumps(decision))

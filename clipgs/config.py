@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -229,14 +230,78 @@ class PipelineConfig(_Strict):
     promote: PromoteConfig = PromoteConfig()
 
 
-def _set(tree: dict, dotted: str, raw: str) -> None:
+def _field_type(cls: type[BaseModel], keys: list[str]) -> Any:
+    """The annotation of the field at ``keys`` under ``cls`` (None where there is none)."""
+    for i, key in enumerate(keys):
+        field = cls.model_fields.get(key) if isinstance(cls, type) and issubclass(
+            cls, BaseModel) else None
+        if field is None:
+            return None
+        if i == len(keys) - 1:
+            return field.annotation
+        cls = field.annotation
+    return None
+
+
+def _is_text(annotation: Any) -> bool:
+    """str, str | None or a Literal of strings: a field whose override is taken verbatim."""
+    if annotation is str:
+        return True
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is Literal:
+        return all(isinstance(a, str) for a in args)
+    return get_origin(annotation) in (Union, UnionType) and len(args) == 1 and _is_text(args[0])
+
+
+def _value(cls: type[BaseModel], dotted: str, raw: str) -> Any:
+    """An override's value: YAML (numbers, booleans, lists), except that a text field takes
+    the text as written (``run_name=2024`` is the name "2024", ``run_name=@nightly`` is
+    "@nightly"); quotes and ``null`` (where None is allowed) still mean what YAML says."""
+    try:
+        value, error = yaml.safe_load(raw), None
+    except yaml.YAMLError as exc:
+        value, error = raw, exc
+    annotation = _field_type(cls, dotted.split("."))
+    if annotation is not None and _is_text(annotation):
+        if error is None and (isinstance(value, str) or (
+                value is None and type(None) in get_args(annotation))):
+            return value
+        return raw
+    if error is not None:
+        raise ConfigError(f"override {dotted}={raw}: not a YAML value ({_yaml_problem(error)})")
+    return value
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line, with the line and column."""
+    def at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return " ".join(str(exc).split())
+    out = ": ".join(x for x in (at(exc.problem_mark), exc.problem or "") if x)
+    if exc.context:
+        out += f" ({exc.context}{' at ' + at(exc.context_mark) if exc.context_mark else ''})"
+    return out
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {dotted}: '{k}' is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+    node[keys[-1]] = value
+
+
+def validate(cls: type[BaseModel], tree: Any, where: str = "") -> Any:
+    """``cls`` from a plain tree, its validation errors as one ConfigError line."""
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as exc:
+        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(where + "invalid config: " + "; ".join(lines)) from None
 
 
 def load_config(cls: type[BaseModel], path: str | Path | None = None,
@@ -245,20 +310,21 @@ def load_config(cls: type[BaseModel], path: str | Path | None = None,
     tree: dict = {}
     if path:
         try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
+            tree = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
             raise ConfigError(f"{path}: cannot read the config ({exc})") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
+        tree = {} if tree is None else tree
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the config is a YAML {type(tree).__name__}; expected "
+                              "a mapping of settings (key: value)")
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key.sub=value")
         key, raw = item.split("=", 1)
-        _set(tree, key.strip(), raw)
-    try:
-        return cls.model_validate(tree)
-    except ValidationError as exc:
-        where = f"{path}: " if path else ""
-        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError(where + "invalid config: " + "; ".join(lines)) from None
+        _set(tree, key.strip(), _value(cls, key.strip(), raw))
+    return validate(cls, tree, f"{path}: " if path else "")
 
 
 def to_yaml(config: BaseModel) -> str:

@@ -20,7 +20,12 @@ def _is_registered(model_uri: str) -> bool:
 def _pyfunc_embed(model_uri: str, frame) -> np.ndarray:
     import mlflow
 
-    model = mlflow.pyfunc.load_model(model_uri)
+    from clipgs.models.package import mlflow_error
+
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except mlflow.exceptions.MlflowException as exc:  # no such model, alias, version or run
+        raise mlflow_error(model_uri, exc) from None
     return np.array(model.predict(frame)["embedding"].tolist(), dtype=np.float32)
 
 

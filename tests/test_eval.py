@@ -107,7 +107,7 @@ def test_evaluate_logs_metrics_and_plots(tiny_dataset, untrained, teacher, tmp_p
                                          monkeypatch):
     import mlflow
 
-    from clipgs.eval.evaluate import evaluate, log_to_mlflow
+    from clipgs.eval.evaluate import evaluate, log_to_mlflow, metric_names
 
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
     cfg = EvalConfig(fewshot_way=3, fewshot_shot=1, fewshot_episodes=3, gallery_queries=3)
@@ -134,6 +134,8 @@ def test_evaluate_logs_metrics_and_plots(tiny_dataset, untrained, teacher, tmp_p
     apart = evaluate(str(untrained), str(tiny_dataset), cfg.model_copy(update={
         "fewshot_support_split": "train", "fewshot_shot": 2, "plots": False}), teacher=teacher)
     assert apart["metrics"]["fewshot_shot"] == 2 and apart["metrics"]["fewshot_way"] == 3
+    for r in (result, on_train, apart):  # what a promotion gate's names are checked against
+        assert set(r["metrics"]) <= set(metric_names(EvalConfig(**r["config"])))
     assert 0.0 <= apart["metrics"]["fewshot_acc_mean"] <= 1.0
     with pytest.raises(ClipgsError, match="no 'val' shards to draw the few-shot support"):
         evaluate(str(untrained), str(tiny_dataset), cfg.model_copy(update={
@@ -192,3 +194,52 @@ def test_evaluate_cli_and_clear_errors(tiny_dataset, untrained, tmp_path, capsys
     assert main(["evaluate", "--model", str(untrained), "--data", str(tiny_dataset),
                  "split=validation"]) == 2
     assert "no 'validation' shards" in capsys.readouterr().err
+
+
+def fails(capsys, *argv) -> str:
+    """A `clipgs` command that fails the expected way: exit 2, its error on one line."""
+    from clipgs.cli import main
+
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"clipgs {argv[0]}: error: "), err
+    return line
+
+
+def test_damaged_package_shard_and_run_id_are_one_line(tiny_dataset, untrained, tmp_path,
+                                                      monkeypatch, capsys):
+    """A truncated weights file, meta or shard names the file; a --run-id that does not exist
+    is refused before the evaluation runs."""
+    import shutil
+
+    from clipgs.data.shards import iterate
+
+    data, quick = str(tiny_dataset), ["fewshot_episodes=0", "gallery_queries=0"]
+    for name, keep, what in (("encoder.safetensors", 1000, "damaged weights"),
+                             ("clipgs.json", 50, "damaged package meta")):
+        bad = tmp_path / f"bad-{name}"
+        shutil.copytree(untrained, bad)
+        (bad / name).write_bytes((bad / name).read_bytes()[:keep])
+        for argv in (["evaluate", "--model", bad, "--data", data, *quick],
+                     ["embed", "--model", bad, "--text", "a cube"]):
+            assert f"{bad / name}: {what}" in fails(capsys, *argv)
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_dataset, shards)
+    tar = shards / "test-00000.tar"
+    tar.write_bytes(tar.read_bytes()[:100_000])
+    line = fails(capsys, "evaluate", "--model", untrained, "--data", shards, *quick)
+    assert f"{tar}: 100000 bytes; the manifest records" in line
+    with pytest.raises(ClipgsError, match=f"{tar}: damaged shard"):  # read without the check
+        list(iterate([str(tar)]))
+
+    def not_now(*a, **k):
+        raise AssertionError("evaluated before the run was checked")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("clipgs.eval.evaluate.evaluate", not_now)
+    line = fails(capsys, "evaluate", "--model", untrained, "--data", data, "--run-id",
+                 "deadbeef", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db")
+    assert "run deadbeef: not found in MLflow" in line

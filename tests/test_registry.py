@@ -35,6 +35,80 @@ def test_gate_reasons():
     assert not ok and "regressed" in why
 
 
+def test_save_package_never_leaves_new_weights_under_old_meta(tiny_dataset, tmp_path):
+    """A save that dies after the weights (here: meta that is not JSON) leaves a folder that
+    load_package refuses, not the new weights under the old meta."""
+    from clipgs.errors import ConfigError
+    from clipgs.models.package import init_package, load_package, save_package
+
+    path = init_package(tmp_path / "pkg", str(tiny_dataset), SMALL, seed=0)
+    other = load_package(str(init_package(tmp_path / "other", str(tiny_dataset), SMALL, seed=1)))
+    meta = load_package(str(path)).meta
+    with pytest.raises(TypeError):
+        save_package(path, {f"encoder.{k}": v for k, v in other.encoder.state_dict().items()},
+                     {**meta, "not_json": object()})
+    with pytest.raises(ConfigError, match="expected clipgs.json and encoder.safetensors"):
+        load_package(str(path))
+    assert sorted(p.name for p in path.iterdir()) == ["encoder.safetensors"]  # no leftovers
+    save_package(path, {f"encoder.{k}": v for k, v in other.encoder.state_dict().items()}, meta)
+    again = load_package(str(path)).encoder.state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in other.encoder.state_dict().items())
+
+
+def fails(capsys, *argv) -> str:
+    """A `clipgs` command that fails the expected way: exit 2, its error on one line."""
+    from clipgs.cli import main
+
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"clipgs {argv[0]}: error: "), err
+    return line
+
+
+def test_lookups_and_gate_mistakes_fail_in_one_line_before_evaluating(
+        tiny_dataset, tmp_path, monkeypatch, capsys):
+    """What MLflow does not have (model, version, alias, run) and a gate that cannot be
+    judged (negative margin, a metric or guard evaluation never reports) are one line each,
+    and nothing is evaluated first."""
+    import shutil
+
+    from clipgs.models.package import init_package
+
+    def not_now(*a, **k):
+        raise AssertionError("evaluated before the request was checked")
+
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
+    monkeypatch.setattr("clipgs.registry.registry._version_metrics", not_now)
+    t, data = ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"], str(tiny_dataset)
+    assert "models:/clipgs@champion: not found in MLflow" in fails(
+        capsys, "embed", "--text", "a donut", *t)  # nothing registered yet
+    assert "models:/nosuch/1: not found in MLflow" in fails(
+        capsys, "evaluate", "--model", "models:/nosuch/1", "--data", data, *t)
+    assert "runs:/deadbeef/package: not found in MLflow" in fails(
+        capsys, "evaluate", "--model", "runs:/deadbeef/package", "--data", data, *t)
+    assert "models:/clipgs/99: not found in MLflow" in fails(
+        capsys, "promote", "--data", data, "--version", "99", *t)
+    assert "margin: Input should be greater than or equal to 0" in fails(
+        capsys, "promote", "--data", data, "--version", "1", "--margin", "-0.5", *t)
+    assert "guard metric(s) ['retrieval_txt_to_3d_r1'] are not metrics" in fails(
+        capsys, "promote", "--data", data, "--version", "1", "--guard",
+        "retrieval_txt_to_3d_r1", *t)
+    assert "gate metric 'zeroshot_top' is not a metric" in fails(
+        capsys, "promote", "--data", data, "--version", "1", "--metric", "zeroshot_top", *t)
+    # probe metrics are no gate when the probe does not run
+    assert "guard metric(s) ['fewshot_acc_mean']" in fails(
+        capsys, "promote", "--data", data, "--version", "1", "--guard", "fewshot_acc_mean",
+        *t, "fewshot_episodes=0")
+    bad = tmp_path / "bad"
+    shutil.copytree(init_package(tmp_path / "pkg", data, SMALL), bad)
+    (bad / "clipgs.json").write_text('{"model": {')
+    assert f"{bad / 'clipgs.json'}: damaged package meta" in fails(
+        capsys, "register", "--package", bad, *t)
+
+
 def train_a_little(package_dir: Path, data: str, steps: int = 40) -> None:
     """A few full-batch steps of the symmetric contrastive loss (3D<->text, 3D<->first view)
     on the train split, in place: a candidate that is really better than an untrained one."""

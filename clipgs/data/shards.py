@@ -16,6 +16,7 @@ import queue
 import tarfile
 import threading
 import time
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -215,13 +216,39 @@ def register_s3_scheme() -> None:
 
 
 def iterate(urls: list[str]) -> Iterator[dict]:
-    """Every sample of the given shards, in order, decoded (for evaluation)."""
+    """Every sample of the given shards, in order, decoded (for evaluation); a damaged shard
+    is a StorageError naming it."""
     import webdataset as wds
 
     register_s3_scheme()
-    pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(),
-                                wds.map(decode_sample))
-    yield from pipeline
+    for url in urls:  # one pipeline a shard: an error is known to be this shard's
+        pipeline = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(),
+                                    wds.map(decode_sample))
+        try:
+            yield from pipeline
+        except (tarfile.TarError, EOFError, ValueError) as exc:  # truncated, not a tar, bad npy
+            what = exc.args[0] if exc.args and isinstance(exc.args[0], str) else repr(exc)
+            raise StorageError(f"{url}: damaged shard ({what.split(' @ ')[0]}); re-ingest "
+                               "it") from None
+
+
+def check_shards(dataset: str, manifest: dict, split: str) -> None:
+    """Each shard of ``split`` is there with the bytes the manifest records, so a truncated or
+    missing shard is named before anything is read (one stat a file, one listing on S3)."""
+    shards = [s for s in manifest["splits"].get(split, {}).get("shards", []) if s["count"] > 0]
+    listed = storage.list_sizes(dataset) if storage.is_s3(dataset) else None
+    for s in shards:
+        url = storage.join(dataset, s["name"])
+        if listed is not None:
+            size = listed.get(url)
+        else:
+            path = Path(url)
+            size = path.stat().st_size if path.is_file() else None
+        if size is None:
+            raise StorageError(f"{url}: missing; the manifest lists it in split '{split}'")
+        if "bytes" in s and size != s["bytes"]:
+            raise StorageError(f"{url}: {size} bytes; the manifest records {s['bytes']} "
+                               "(truncated or rewritten: re-ingest it)")
 
 
 def timestamp() -> str:

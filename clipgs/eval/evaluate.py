@@ -15,16 +15,28 @@ import numpy as np
 from tqdm import tqdm
 
 from clipgs.config import EvalConfig
-from clipgs.data.shards import check_teacher, iterate, manifest_checksum, read_manifest, shard_urls
+from clipgs.data.shards import (check_shards, check_teacher, iterate, manifest_checksum,
+                                read_manifest, shard_urls)
 from clipgs.data.sources import class_text
 from clipgs.errors import ClipgsError
-from clipgs.eval.fewshot import linear_probe_episodes
-from clipgs.eval.metrics import (confusion_matrix, per_class_accuracy, retrieval_metrics,
-                                 topk_accuracy)
+from clipgs.eval.fewshot import FEWSHOT_METRICS, linear_probe_episodes
+from clipgs.eval.metrics import (RETRIEVAL_DIRECTIONS, confusion_matrix, per_class_accuracy,
+                                 retrieval_metrics, topk_accuracy)
 from clipgs.models.package import ModelPackage, load_package
 from clipgs.models.teacher import Teacher, TeacherConfig
 
 log = logging.getLogger(__name__)
+ZEROSHOT_KS = (1, 3, 5)
+
+
+def metric_names(config: EvalConfig) -> list[str]:
+    """Every metric ``evaluate`` can report under ``config`` (the zero-shot and few-shot ones
+    only when the split has labels): a gate's names are checked against it before anything
+    is evaluated."""
+    names = ["eval_objects"] + [f"retrieval_{d}_r{k}" for d, *_ in RETRIEVAL_DIRECTIONS
+                                for k in config.retrieval_ks]
+    names += [f"zeroshot_top{k}" for k in ZEROSHOT_KS] + ["zeroshot_mean_class_acc"]
+    return names + list(FEWSHOT_METRICS if config.fewshot_episodes else ())
 
 
 def class_embeddings(teacher: Teacher, classes: list[str], templates: list[str]) -> np.ndarray:
@@ -100,6 +112,9 @@ def evaluate(model_uri: str, data: str, config: EvalConfig | None = None,
     if not urls:
         raise ClipgsError(f"{data}: no '{config.split}' shards to evaluate on")
     support_urls = _support_urls(data, manifest, config)
+    check_shards(data, manifest, config.split)  # a truncated shard: named before the work
+    if support_urls:
+        check_shards(data, manifest, config.fewshot_support_split)
     total = manifest["splits"].get(config.split, {}).get("count")
     out = embed_split(package, urls, config.batch_size, total)
     metrics = {"eval_objects": float(len(out["keys"]))}
@@ -116,7 +131,7 @@ def evaluate(model_uri: str, data: str, config: EvalConfig | None = None,
         cls = class_embeddings(teacher, classes, config.prompts)
         y = np.array([classes.index(out["labels"][i]) for i in labelled])
         logits = out["g"][labelled] @ cls.T
-        for k in (1, 3, 5):
+        for k in ZEROSHOT_KS:
             metrics[f"zeroshot_top{k}"] = topk_accuracy(logits, y, min(k, len(classes)))
         result["confusion"] = confusion_matrix(y, logits.argmax(axis=1), len(classes))
         result["per_class"] = per_class_accuracy(result["confusion"], classes)
@@ -163,6 +178,22 @@ def gallery(result: dict, queries: int, top: int, seed: int = 0, query: str = "t
                for q, row in zip(picked, hits)]
     return {"queries": [out["captions"][q] for q in picked], "query_objects": picked,
             "retrieved": hits.tolist(), "correct": correct}
+
+
+def check_run(run_id: str, tracking_uri: str) -> None:
+    """Refuse a ``--run-id`` that cannot be logged to before the evaluation, not after it."""
+    import mlflow
+
+    from clipgs.models.package import mlflow_error
+
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        raise mlflow_error(f"run {run_id}", exc) from None
+    if run.info.lifecycle_stage != "active":
+        raise ClipgsError(f"run {run_id}: {run.info.lifecycle_stage} in MLflow at "
+                          f"{tracking_uri}; expected an active run to log to")
 
 
 def log_to_mlflow(result: dict, run_id: str | None, tracking_uri: str, prefix: str = "eval_"

@@ -46,6 +46,11 @@ def _fit(x: np.ndarray, y: np.ndarray, classes: int, l2: float, steps: int) -> t
     return probe
 
 
+# what a probe reports (the names a promotion gate may use)
+FEWSHOT_METRICS = ("fewshot_acc_mean", "fewshot_acc_std", "fewshot_way", "fewshot_shot",
+                   "fewshot_episodes")
+
+
 def linear_probe_episodes(emb: np.ndarray, labels: np.ndarray, way: int, shot: int,
                           episodes: int, queries: int = 15, seed: int = 0,
                           support: tuple[np.ndarray, np.ndarray] | None = None) -> dict | None:
@@ -91,7 +96,5 @@ def linear_probe_episodes(emb: np.ndarray, labels: np.ndarray, way: int, shot: i
             with torch.no_grad():
                 pred = probe(torch.from_numpy(np.concatenate(qx)).float()).argmax(1).numpy()
             accuracies.append(float((pred == np.array(qy)).mean()))
-    return {"fewshot_acc_mean": float(np.mean(accuracies)),
-            "fewshot_acc_std": float(np.std(accuracies)),
-            "fewshot_way": float(way), "fewshot_shot": float(shot),
-            "fewshot_episodes": float(episodes)}
+    return dict(zip(FEWSHOT_METRICS, (float(np.mean(accuracies)), float(np.std(accuracies)),
+                                      float(way), float(shot), float(episodes))))

@@ -14,14 +14,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from clipgs.config import ModelConfig
-from clipgs.errors import ConfigError
+from clipgs.errors import ClipgsError, ConfigError
 from clipgs.models.encoder import GSEncoder
 from clipgs.models.tokenizer import group_numpy
 
 WEIGHTS, META = "encoder.safetensors", "clipgs.json"
+
+
+class PackageError(ConfigError):
+    """A package file that is damaged (truncated, not JSON, not safetensors): names the file."""
 
 
 @dataclass
@@ -63,14 +69,25 @@ class ModelPackage:
 
 
 def save_package(path: str | Path, state_dict: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Write the package so that a crash never leaves new weights under old meta: the old meta
+    is removed first, each file is written whole (temporary name, then renamed), the new meta
+    last - and ``load_package`` refuses a folder without its meta."""
+    from clipgs.data.storage import write_bytes
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in state_dict.items()
                if v.is_floating_point()}
     tensors.update({k: v.detach().contiguous().cpu() for k, v in state_dict.items()
                     if not v.is_floating_point()})
-    save_file(tensors, str(path / WEIGHTS))
-    (path / META).write_text(json.dumps(meta, indent=1))
+    (path / META).unlink(missing_ok=True)
+    part = path / f".{WEIGHTS}.part"  # straight to a file: no second copy of large weights
+    try:
+        save_file(tensors, str(part))
+        os.replace(part, path / WEIGHTS)
+    finally:
+        part.unlink(missing_ok=True)
+    write_bytes(str(path / META), json.dumps(meta, indent=1).encode())
     return path
 
 
@@ -102,6 +119,17 @@ def init_package(path: str | Path, data: str, model: ModelConfig | None = None,
                         meta)
 
 
+def mlflow_error(uri: str, exc: Exception) -> ClipgsError:
+    """An MLflow lookup that failed (no such model, version, alias or run; the server down)
+    as one line naming what was looked up and where."""
+    import mlflow
+
+    first = ((getattr(exc, "message", None) or str(exc)).strip().splitlines() or ["?"])[0]
+    missing = getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+    return ClipgsError(f"{uri}: {'not found in' if missing else 'cannot look it up in'} "
+                       f"MLflow at {mlflow.get_tracking_uri()} ({first})")
+
+
 def resolve(uri: str) -> Path:
     """A local folder, ``runs:/<id>/<path>`` or ``models:/<name>@<alias>`` / ``/<version>``."""
     if os.path.isdir(uri):
@@ -109,7 +137,10 @@ def resolve(uri: str) -> Path:
     if uri.startswith(("runs:/", "models:/")):
         import mlflow
 
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        except mlflow.exceptions.MlflowException as exc:
+            raise mlflow_error(uri, exc) from None
         for candidate in (local, local / "artifacts" / "package", local / "package"):
             if (candidate / META).exists():
                 return candidate
@@ -117,13 +148,36 @@ def resolve(uri: str) -> Path:
     raise ConfigError(f"{uri}: not a model folder, runs:/ or models:/ URI")
 
 
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads((path / META).read_text())
+        if not isinstance(meta, dict):
+            raise ValueError(f"a JSON {type(meta).__name__}, not an object")
+        ModelConfig(**meta["model"])
+        int(meta["embed_dim"]), int(meta["points"])
+        return meta
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        detail = f"model.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+    except KeyError as exc:
+        detail = f"no field {exc}"
+    except (ValueError, TypeError, OSError) as exc:  # JSONDecodeError is a ValueError
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    raise PackageError(f"{path / META}: damaged package meta ({detail}); expected the JSON "
+                       "object `clipgs train` writes")
+
+
 def load_package(uri: str) -> ModelPackage:
     path = resolve(uri)
     if not (path / META).exists() or not (path / WEIGHTS).exists():
         raise ConfigError(f"{path}: expected {META} and {WEIGHTS} (a `clipgs train` output)")
-    meta = json.loads((path / META).read_text())
+    meta = _read_meta(path)
     encoder = GSEncoder(ModelConfig(**meta["model"]), meta["embed_dim"])
-    state = load_file(str(path / WEIGHTS))
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError) as exc:
+        raise PackageError(f"{path / WEIGHTS}: damaged weights ({exc}); expected a whole "
+                           "safetensors file") from None
     state = {k.removeprefix("encoder."): v for k, v in state.items() if k != "logit_scale"}
     try:
         missing, unexpected = encoder.load_state_dict(state, strict=False)

@@ -167,6 +167,33 @@ def _alias_version(client, name: str, alias: str) -> str | None:
         return None
 
 
+def _model_version(client, name: str, version: str):
+    import mlflow
+
+    from clipgs.models.package import mlflow_error
+
+    try:
+        return client.get_model_version(name, version)
+    except mlflow.exceptions.MlflowException as exc:
+        raise mlflow_error(f"models:/{name}/{version}", exc) from None
+
+
+def check_gate_names(config: PromoteConfig, eval_config: EvalConfig) -> None:
+    """The gate and guard metrics must be ones the evaluation reports: a misspelt guard would
+    otherwise be 'not measured' and ignored, and a misspelt gate caught only after the
+    challenger was evaluated."""
+    from clipgs.eval.evaluate import metric_names
+
+    names = metric_names(eval_config)
+    if config.metric not in names:
+        raise ConfigError(f"gate metric '{config.metric}' is not a metric the evaluation "
+                          f"reports; expected one of {names}")
+    unknown = [m for m in config.guard_metrics if m not in names]
+    if unknown:
+        raise ConfigError(f"guard metric(s) {unknown} are not metrics the evaluation reports; "
+                          f"expected some of {names}")
+
+
 def gate(config: PromoteConfig, new: dict, old: dict) -> tuple[bool, str]:
     """Whether ``new`` metrics beat ``old`` ones, and why, in one line."""
     a, b = new[config.metric], old.get(config.metric, float("-inf"))
@@ -199,12 +226,14 @@ def promote(name: str, data: str, tracking_uri: str, config: PromoteConfig | Non
     import mlflow
 
     config, eval_config = config or PromoteConfig(), eval_config or EvalConfig()
+    check_gate_names(config, eval_config)
     setup_mlflow(tracking_uri)
     client = mlflow.MlflowClient()
     version = str(version or _alias_version(client, name, CHALLENGER) or "")
     if not version:
         raise ClipgsError(f"model '{name}' has no '{CHALLENGER}' alias; register a model or "
                           "pass --version")
+    _model_version(client, name, version)  # before evaluating: it may not exist
     challenger, checksum = _version_metrics(client, name, version, data, eval_config)
     if config.metric not in challenger:
         raise ConfigError(f"gate metric '{config.metric}' is not in the evaluation "
@@ -249,7 +278,7 @@ def rollback(name: str, tracking_uri: str) -> dict:
     if not previous:
         raise ClipgsError(f"{name} v{current} replaced no earlier {CHAMPION} (it was the "
                           "first); nothing to roll back to")
-    client.get_model_version(name, previous)  # still there (raises if it was deleted)
+    _model_version(client, name, previous)  # still there (it may have been deleted)
     client.set_registered_model_alias(name, CHAMPION, previous)
     record = {"rolled_back": True, "champion": previous, "from": current,
               "reason": f"rolled back: {CHAMPION} moved from v{current} to v{previous}",
