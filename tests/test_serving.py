@@ -77,6 +77,8 @@ def test_request_rules_in_process(package, files):
                                               limits)[0])
     assert "not valid base64" in str(parse_rows(pd.DataFrame({"data": ["%%%"]}), package,
                                                 limits)[0])
+    listed = parse_rows(pd.DataFrame({"text": [["a", "b"]]}), package, limits)[0]
+    assert "'text' is a list; expected one string per row" in str(listed)
 
 
 @pytest.fixture(scope="module")

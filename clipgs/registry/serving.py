@@ -158,7 +158,10 @@ def parse_rows(frame, package, limits: ServingLimits) -> list[Row | RequestError
                 raise RequestError(f"row {i}: expected exactly one of 'data', 'gaussians', "
                                    f"'text'; got {given or 'none'}")
             if given == ["text"]:
-                text = str(record["text"])
+                text = record["text"]
+                if not isinstance(text, str):  # str() of a list would embed "['a', 'b']"
+                    raise RequestError(f"row {i}: 'text' is a {type(text).__name__}; expected "
+                                       "one string per row")
                 if len(text) > limits.max_text_chars:
                     raise RequestError(f"row {i}: text of {len(text)} characters exceeds the "
                                        f"limit of {limits.max_text_chars}")
