@@ -36,6 +36,42 @@ def test_ranks_ties_and_duplicates():
     assert metrics["retrieval_text_to_3d_r1"] == metrics["retrieval_3d_to_text_r1"] == 1.0
     assert retrieval_metrics({"g": collapsed[:3], "txt": txt, "img": g}, [1])[
         "retrieval_text_to_3d_r1"] == 0.0
+    # a caption's query scores by its best object: g1 (same caption) first is a hit for
+    # caption 0 even though g0 itself is below g2
+    g = np.array([[0.6, 0.8], [1, 0], [0.8, 0.6]], np.float32)
+    assert match_ranks(txt, g, duplicate_groups(txt)).tolist() == [0, 0, 1]
+    assert retrieval_metrics({"g": g, "txt": txt, "img": g}, [1])[
+        "retrieval_text_to_3d_r1"] == pytest.approx(2 / 3)
+
+
+def test_recall_against_brute_force_with_class_captions():
+    """10 classes x 30 objects with one caption a class (ModelNet's shape): every figure
+    equals a brute force - text->3D: any object of the class within the top k objects;
+    3D->text: the class's caption within the top k distinct captions; ties count against."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 30)
+    captions = _unit(rng.normal(size=(10, 16)))
+    g = _unit(captions[labels] + 0.9 * rng.normal(size=(300, 16)))
+    txt = captions[labels]
+    m = retrieval_metrics({"g": g, "txt": txt, "img": g}, [1, 5, 10])
+
+    def brute(scores, right, k):
+        hits = []
+        for s, r in zip(scores, right):
+            best = s[r].max()
+            hits.append((s[~r] >= best).sum() < k)
+        return float(np.mean(hits))
+
+    t2g = captions @ g.T  # one row per caption, repeated for each of its 30 queries
+    same = labels[None, :] == labels[:, None]
+    g2t = g @ captions.T
+    right = np.arange(10)[None, :] == labels[:, None]
+    for k in (1, 5, 10):
+        assert m[f"retrieval_text_to_3d_r{k}"] == pytest.approx(brute(t2g[labels], same, k))
+        assert m[f"retrieval_3d_to_text_r{k}"] == pytest.approx(brute(g2t, right, k))
+    assert m["retrieval_3d_to_text_r10"] == 1.0  # ten captions: always within the top ten
+    assert m["retrieval_text_to_3d_r1"] > 0.5 and m["retrieval_3d_to_text_r5"] > \
+        m["retrieval_3d_to_text_r1"]
 
 
 def test_retrieval_metrics_four_directions():

@@ -10,7 +10,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from clipgs.config import LossConfig
-from clipgs.train.loss import ClipGSLoss, contrastive, contrastive_shared_text, view_weights
+from clipgs.train.loss import (ClipGSLoss, capped_log_scale, contrastive, contrastive_shared_text,
+                               view_weights)
 
 
 def nll(logits: torch.Tensor, target: int) -> float:
@@ -117,6 +118,31 @@ def test_voting_loss_matches_hand_computation():
     assert out["loss_text"].item() == pytest.approx(text, rel=1e-5)
     assert out["loss_image"].item() == pytest.approx(image, rel=1e-5)
     assert out["loss"].item() == pytest.approx(text + image, rel=1e-5)
+
+
+def test_logit_scale_cap_never_freezes_the_scale():
+    """Above the cap the value is the cap, and the scale comes back down when the loss wants
+    a smaller one; a plain clamp in the forward pass left it stuck there for good."""
+    cap = math.log(20)
+    for start, target, moves in ((cap - 0.5, 100.0, True), (cap + 0.3, 100.0, False),
+                                 (cap + 0.3, 5.0, True)):
+        p = torch.tensor([start], requires_grad=True)
+        ((capped_log_scale(p, cap).exp() - target) ** 2).sum().backward()
+        assert (p.grad.abs() > 0).item() == moves, (start, target)
+    assert capped_log_scale(torch.tensor([cap + 1.0]), cap).item() == pytest.approx(cap)
+
+    def train(forward):  # first the loss wants a large scale, then 5
+        p = torch.nn.Parameter(torch.tensor([math.log(10.0)]))
+        opt = torch.optim.AdamW([p], lr=0.05, weight_decay=0.0)
+        for step in range(400):
+            target = 100.0 if step < 200 else 5.0
+            opt.zero_grad()
+            ((forward(p).exp() - target) ** 2).sum().backward()
+            opt.step()
+        return forward(p).exp().item()
+
+    assert train(lambda p: p.clamp(max=cap)) == pytest.approx(20.0)  # the defect: stuck
+    assert train(lambda p: capped_log_scale(p, cap)) < 10.0
 
 
 def test_loss_is_low_when_aligned_and_gradients_reach_only_the_3d_side():

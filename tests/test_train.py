@@ -39,6 +39,33 @@ def test_config_overrides_and_clear_errors(tmp_path):
     assert ds["scheduler"]["params"]["total_num_steps"] == 7
 
 
+def test_override_values_and_config_file_errors(tmp_path):
+    """A text field takes an override as written (YAML would read 2024 as a number and cannot
+    read @nightly); a broken YAML file, or one that is a list, is one line naming the file."""
+    from clipgs.config import PipelineConfig
+
+    for raw in ("2024", "@nightly", "true"):
+        assert load_config(TrainConfig, None, [f"tracking.run_name={raw}"]).tracking.run_name \
+            == raw
+    assert load_config(PipelineConfig, None, ["train.tracking.run_name=2024"]).train.tracking \
+        .run_name == "2024"
+    cfg = load_config(TrainConfig, None, ["tracking.run_name='7'", "steps=9"])
+    assert (cfg.tracking.run_name, cfg.steps) == ("7", 9)  # quotes still unwrap; ints parse
+    assert load_config(TrainConfig, None, ["tracking.run_name=null"]).tracking.run_name is None
+    with pytest.raises(ConfigError, match="override steps=@9: not a YAML value"):
+        load_config(TrainConfig, None, ["steps=@9"])
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- steps: 7\n")
+    with pytest.raises(ConfigError, match="list.yaml: the config is a YAML list; expected a "
+                       "mapping"):
+        load_config(TrainConfig, listed)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("steps: 7\nmodel:\n  depth: [2\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: not valid YAML \(line 4") as exc:
+        load_config(TrainConfig, broken)
+    assert "\n" not in str(exc.value)
+
+
 def test_deepspeed_config_precision_offload_accumulation():
     cfg = load_config(TrainConfig, None, ["zero_stage=2", "offload_optimizer=true",
                                           "grad_accum=4", "micro_batch=8"])
@@ -122,8 +149,17 @@ def test_grouping_on_the_device_gives_the_model_input(tiny_dataset):
                                           "model.groups=8", "model.group_size=8"])
     raw = _batches(urls, cfg, 0, 0, 1)[0]
     assert raw["gaussians"].shape[0] == 4 and "patches" not in raw
+    objects = raw["gaussians"].numpy().copy()
     grouped = group_on_device(raw, 8, 8)
     assert grouped["patches"].shape == (4, 8, 8, 14) and grouped["centres"].shape == (4, 8, 3)
+    # the groups the package (and evaluation, and serving) make of the same objects
+    from clipgs.models.tokenizer import group_numpy
+
+    for i, obj in enumerate(objects):
+        patches, centres = group_numpy(obj, 8, 8)
+        np.testing.assert_allclose(grouped["centres"][i].numpy(), centres, atol=1e-6)
+        np.testing.assert_allclose(np.sort(grouped["patches"][i].numpy().reshape(8, -1), 1),
+                                   np.sort(patches.reshape(8, -1), 1), atol=1e-6)
 
 
 def test_rng_states_round_trip_through_json():
@@ -318,3 +354,65 @@ def test_resume_refuses_a_checkpoint_trained_against_another_teacher(tmp_path):
             checkpoint.restore(None, tmp_path, 0, 0, None, "f", teacher_sha256="b" * 64)
     finally:
         dist.destroy_process_group()
+
+
+class _RunsCode:
+    """What a tampered checkpoint holds: unpickling it (weights_only=False) runs a command."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import shlex
+
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def test_deepspeed_files_load_weights_only(tmp_path):
+    """The plain types DeepSpeed stores load; anything else is refused, naming the file."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from clipgs.errors import StorageError
+    from clipgs.train.checkpoint import load_weights_only
+
+    state = {"loss_scaler": LossScaler(), "zero_stage": ZeroStageEnum.gradients,
+             "param_slice_mappings": [{"w": fragment_address(numel=6, start=0)}],
+             "fp32": torch.ones(6)}
+    torch.save(state, tmp_path / "ok.pt")
+    loaded = load_weights_only(str(tmp_path / "ok.pt"), map_location="cpu")
+    assert loaded["zero_stage"] is ZeroStageEnum.gradients and torch.equal(loaded["fp32"],
+                                                                           state["fp32"])
+    assert loaded["loss_scaler"].cur_scale == 1
+    assert loaded["param_slice_mappings"][0]["w"] == fragment_address(numel=6, start=0)
+    marker = tmp_path / "pwned"
+    torch.save(dict(state, extra=_RunsCode(marker)), tmp_path / "bad.pt")
+    with pytest.raises(StorageError, match=r"bad\.pt: .*refused.*posix\.system"):
+        load_weights_only(str(tmp_path / "bad.pt"))
+    assert not marker.exists()
+    assert LossScaler not in torch.serialization.get_safe_globals()  # only while loading
+
+
+@pytest.mark.slow
+def test_resume_refuses_a_tampered_checkpoint_without_running_it(tiny_dataset, tmp_path):
+    """A checkpoint fetched from the mirror is only as trusted as the bucket: a model-states
+    file that would run code when unpickled stops the resume with an error naming it."""
+    import shutil
+
+    out, mirror, marker = tmp_path / "train", tmp_path / "mirror", tmp_path / "pwned"
+    overrides = [f"data={tiny_dataset}", f"output_dir={out}", f"checkpoint_mirror={mirror}",
+                 f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", *TINY]
+    cmd = [sys.executable, "-m", "clipgs.cli", "train", "--nproc", "2", *overrides]
+    subprocess.run(cmd + ["stop_at=2"], env=_env(), check=True, timeout=300,
+                   stdout=subprocess.DEVNULL)
+    tampered = mirror / "step0000002" / "mp_rank_00_model_states.pt"
+    state = torch.load(tampered, weights_only=True)
+    torch.save(dict(state, extra=_RunsCode(marker)), tampered)
+    shutil.rmtree(out / "checkpoints")  # a new node: the resume fetches the mirror's copy
+    resumed = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert not marker.exists()
+    assert resumed.returncode != 0
+    log = resumed.stdout + resumed.stderr
+    assert "StorageError" in log and "mp_rank_00_model_states.pt: refused" in log
+    assert "posix.system" in log

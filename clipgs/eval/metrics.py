@@ -24,19 +24,23 @@ def duplicate_groups(x: np.ndarray) -> np.ndarray:
 
 
 def match_ranks(queries: np.ndarray, gallery: np.ndarray,
-                groups: np.ndarray | None = None) -> np.ndarray:
-    """Rank (0 = first) of gallery item i for query i: how many wrong gallery items score at
-    least as high. Ties count against the query, so a collapsed model gets no credit. Items
-    in query i's group (``groups``, from the teacher side's duplicates) are right answers."""
+                groups: np.ndarray | None = None,
+                gallery_groups: np.ndarray | None = None) -> np.ndarray:
+    """Rank (0 = first) of query i's best right answer: how many wrong gallery items score at
+    least as high as it. Ties count against the query, so a collapsed model gets no credit.
+    Right answers for query i are the gallery items of its group: ``groups[i]`` (from the
+    teacher side's duplicates) against ``gallery_groups`` (default: the gallery is indexed like
+    the queries, so gallery i is query i's own match and shares ``groups[i]``)."""
     n = len(queries)
     groups = np.arange(n) if groups is None else groups
+    gallery_groups = groups if gallery_groups is None else gallery_groups
     ranks = np.empty(n, np.int64)
     for start in range(0, n, RANK_BLOCK):  # blocks of queries: memory stays O(block x n)
         rows = np.arange(start, min(start + RANK_BLOCK, n))
         scores = queries[rows] @ gallery.T
-        own = scores[np.arange(len(rows)), rows]
-        wrong = groups[None, :] != groups[rows, None]
-        ranks[rows] = ((scores >= own[:, None]) & wrong).sum(axis=1)
+        right = gallery_groups[None, :] == groups[rows, None]
+        best = np.where(right, scores, -np.inf).max(axis=1)
+        ranks[rows] = ((scores >= best[:, None]) & ~right).sum(axis=1)
     return ranks
 
 
@@ -48,11 +52,18 @@ def recall_at_k(queries: np.ndarray, gallery: np.ndarray, k: int,
 def retrieval_metrics(emb: dict[str, np.ndarray], ks: list[int]) -> dict[str, float]:
     """``retrieval_{direction}_r{k}`` for the four directions; ``emb`` has g, txt, img.
     Right answers are grouped by the teacher side of each pair (never by the model's own
-    embeddings, which would reward a collapsed model)."""
+    embeddings, which would reward a collapsed model): objects that share a caption are each
+    a right answer for it (text->3D: a query scores by the best of them). Where the teacher
+    side is the gallery (3D->text, 3D->image), it is ranked as its distinct rows: ten
+    captions repeated over 900 objects are a gallery of ten, so R@5 means "the right caption
+    among the top five captions", not among five copies of one wrong caption."""
     out = {}
     for direction, q, gallery in RETRIEVAL_DIRECTIONS:
-        teacher_side = q if gallery == "g" else gallery
-        ranks = match_ranks(emb[q], emb[gallery], duplicate_groups(emb[teacher_side]))
+        if gallery == "g":
+            ranks = match_ranks(emb[q], emb["g"], duplicate_groups(emb[q]))
+        else:
+            distinct, group = np.unique(emb[gallery], axis=0, return_inverse=True)
+            ranks = match_ranks(emb[q], distinct, group.ravel(), np.arange(len(distinct)))
         for k in ks:
             out[f"retrieval_{direction}_r{k}"] = float((ranks < k).mean())
     return out

@@ -18,7 +18,9 @@ import base64
 import json
 import logging
 import os
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -162,6 +164,57 @@ def _remove_tag(mirror: str, step: int) -> None:
         storage.remove(url)
 
 
+# --- loading DeepSpeed's files without running what they hold -----------------------------
+
+def _deepspeed_types() -> list[type]:
+    """The only non-tensor types DeepSpeed 0.19 pickles into the checkpoints clipgs writes
+    (ZeRO 0-3, fp32 and bf16, optimizer offload; found by loading one of each): the ZeRO
+    optimizers' ``zero_stage`` (an int enum), ``loss_scaler`` (a static LossScaler, a float
+    and a flag) and ``param_slice_mappings`` (dataclasses of two ints). Plain data: unpickling
+    one looks up an enum value or fills a ``__dict__``; none defines ``__setstate__``."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(path: str, map_location=None):
+    """One DeepSpeed checkpoint file, unpickled with ``weights_only=True``: tensors, containers
+    and the types above, nothing that could run code. DeepSpeed's own loader unpickles
+    anything, and a checkpoint can come from the mirror, which is only as safe as its bucket."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_types()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message suggests weights_only=False, the one thing not to do here: name
+        # only what was refused
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"unpickling it would call {found[1]}" if found else \
+            "it holds more than tensors and DeepSpeed's checkpoint data"
+        raise StorageError(
+            f"{path}: refused to load: {what}, so it was tampered with or not written by "
+            "clipgs; remove this checkpoint here and in the checkpoint_mirror, or start over "
+            "with resume=false") from None
+    except (RuntimeError, EOFError) as exc:  # truncated or not a torch file at all
+        raise StorageError(f"{path}: not a readable checkpoint file ({exc})") from exc
+
+
+def _load_safely(engine) -> None:
+    """Route the engine's checkpoint reads through ``load_weights_only``: DeepSpeed reads the
+    model states, optimizer states and ZeRO shards through ``engine.checkpoint_engine.load``
+    (its TorchCheckpointEngine calls ``torch.load(weights_only=False)``); saving is left as
+    is. Other engines (fast, decoupled, DataStates: never in clipgs's DeepSpeed config) and
+    universal checkpoints (never enabled) read files their own way, so they are refused."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    ckpt_engine = engine.checkpoint_engine
+    if type(ckpt_engine) is not TorchCheckpointEngine or engine.load_universal_checkpoint():
+        raise ConfigError(f"{type(ckpt_engine).__name__}: clipgs resumes only DeepSpeed's "
+                          "torch checkpoints (no universal checkpoints), read weights-only")
+    ckpt_engine.load = load_weights_only
+
+
 # --- save and restore (collective: every rank calls them) ---------------------------------
 
 def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, local_rank: int,
@@ -224,6 +277,7 @@ def restore(engine, ckpt_dir: Path, rank: int, local_rank: int, mirror: str | No
     if marker["world_size"] != dist.get_world_size():
         log.warning("checkpoint %s was written by %d ranks, resuming on %d", tag,
                     marker["world_size"], dist.get_world_size())
+    _load_safely(engine)
     path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:

@@ -85,6 +85,32 @@ def contrastive_shared_text(a: torch.Tensor, b: torch.Tensor, scale: torch.Tenso
     return 0.5 * (loss_a + loss_b)
 
 
+class _CappedLogScale(torch.autograd.Function):
+    """min(p, cap), whose gradient above the cap only ever brings p back under it."""
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor, cap: float) -> torch.Tensor:
+        ctx.save_for_backward(p)
+        ctx.cap = cap
+        return p.clamp(max=cap)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (p,) = ctx.saved_tensors
+        # above the cap, a negative gradient (the step would raise p further) is dropped
+        return torch.where((p > ctx.cap) & (grad < 0), torch.zeros_like(grad), grad), None
+
+
+def capped_log_scale(p: torch.Tensor, cap: float) -> torch.Tensor:
+    """The learnable log logit scale, capped at ``cap`` (log of loss.logit_scale_max). A plain
+    ``clamp`` in the forward pass gives p a zero gradient once it is above the cap, so the
+    scale stays at the cap for good, whatever the loss later wants; open_clip instead clamps
+    the parameter in place after each step, which under DeepSpeed the optimiser's fp32 master
+    copy would undo. Here the value is min(p, cap) and, above the cap, only gradients that
+    lower p pass: the scale can come back down as soon as the loss asks."""
+    return _CappedLogScale.apply(p, cap)
+
+
 def view_weights(img: torch.Tensor, txt: torch.Tensor, config: LossConfig) -> torch.Tensor:
     """[n, K] weights over each object's K views that sum to 1 per object.
 

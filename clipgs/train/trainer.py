@@ -30,7 +30,7 @@ from clipgs.models.package import save_package
 from clipgs.train import checkpoint, distributed
 from clipgs.train.engine import (bf16_buffers, checkpoint_blocks, deepspeed_config,
                                  param_groups, use_bf16)
-from clipgs.train.loss import ClipGSLoss
+from clipgs.train.loss import ClipGSLoss, capped_log_scale
 
 log = logging.getLogger("clipgs.train")
 RESULT = "train_result.json"
@@ -51,7 +51,7 @@ class TrainModule(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         g = self.encoder(batch["patches"], batch["centres"])
-        scale = self.logit_scale.clamp(max=self.max_log_scale).exp()[0]
+        scale = capped_log_scale(self.logit_scale, self.max_log_scale).exp()[0]
         out = self.loss(g, batch["txt"], batch["img"], scale)
         out["logit_scale"] = scale.detach()
         return out
@@ -152,7 +152,9 @@ def run(config: TrainConfig) -> dict:
                     "points": manifest["config"]["points"], "teacher": manifest["teacher"],
                     "dataset_manifest_sha256": manifest_checksum(manifest),
                     "training_run_id": tracker.run_id,
-                    "logit_scale": float(state["logit_scale"].exp()[0])}
+                    # the scale training used: the parameter may sit above the cap
+                    "logit_scale": float(state["logit_scale"].exp()[0].clamp(
+                        max=config.loss.logit_scale_max))}
             package = save_package(out_dir / "package", encoder_state, meta)
             final_loss = tracker.finish(package, time.time() - t0)
             result = dict(common, status="complete", run_id=tracker.run_id,
