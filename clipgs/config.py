@@ -105,11 +105,18 @@ class ModelConfig(_Strict):
 
 class OptimConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
-    min_lr: float = 1e-5
+    min_lr: float = Field(1e-5, ge=0)
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
     warmup_steps: int = Field(20, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _min_lr_below_lr(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr={self.min_lr:g} is above lr={self.lr:g}; the cosine "
+                             "schedule decays from lr to min_lr")
+        return self
 
 
 class LossConfig(_Strict):
@@ -180,6 +187,13 @@ class TrainConfig(_Strict):
     optim: OptimConfig = OptimConfig()
     loss: LossConfig = LossConfig()
     tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self):
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer=true needs zero_stage >= 1 (ZeRO-Offload "
+                             "moves the partitioned optimizer state)")
+        return self
 
 
 class EvalConfig(_Strict):
@@ -300,7 +314,10 @@ def validate(cls: type[BaseModel], tree: Any, where: str = "") -> Any:
     try:
         return cls.model_validate(tree)
     except ValidationError as exc:
-        lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        lines = []
+        for e in exc.errors():
+            field, msg = ".".join(map(str, e["loc"])), e["msg"].removeprefix("Value error, ")
+            lines.append(f"{field}: {msg}" if field else msg)
         raise ConfigError(where + "invalid config: " + "; ".join(lines)) from None
 
 

@@ -245,3 +245,36 @@ def test_ingest_from_and_to_s3(shared_data, s3_server, teacher):
     assert keys == ["ring", "torus"]
     again = ingest(f"{s3_server}/assets", f"{s3_server}/shards", config, teacher=teacher)
     assert again.written_shards == 0
+
+
+def test_a_worker_killed_mid_object_rejects_that_object_only(shared_data):
+    """The system kills a worker while it reads one object (as the OOM killer would): that
+    object is rejected, every other one is made, in order - multiprocessing's Pool would have
+    waited for the lost task for ever."""
+    import os
+    import signal
+
+    from clipgs.data.ingest import triplets
+    from clipgs.data.sources import Asset
+
+    parent = os.getpid()
+    good = discover(str(shared_data / "splats" / "cube"))[0]
+
+    def killer():
+        if os.getpid() != parent:  # only ever in a worker
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise AssertionError("not in a worker")
+
+    assets = [Asset(key=f"ok{i}", source=f"ok{i}", caption="", split="train", load=good.load)
+              for i in range(6)]
+    assets.insert(3, Asset(key="oom", source="huge.ply", caption="", split="train",
+                           load=killer))
+    out = list(triplets(assets, IngestConfig(points=256, views=1, workers=2), 32))
+    assert len(out) == 7
+    assert [o[0] is None for o in out] == [False] * 3 + [True] + [False] * 3
+    assert out[3][1].startswith("WorkerDied: the process reading it died")
+    assert all(o[0].shape == (256, 14) for i, o in enumerate(out) if i != 3)
+    alone = list(triplets(assets[:3], IngestConfig(points=256, views=1, workers=0), 32))
+    for made, ref in zip(out[:3], alone):  # the same objects as without workers
+        np.testing.assert_array_equal(made[0], ref[0])
+        np.testing.assert_array_equal(made[1], ref[1])

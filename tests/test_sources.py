@@ -262,6 +262,13 @@ def test_keys_are_never_empty_and_bad_grid_files_reject_only_themselves(tmp_path
     assert errors["grids_train_00001"].field == "y_train[1]"
     assert "label 7; expected 0..1" in str(errors["grids_train_00001"])
     assert assets["grids_train_00002"].label == "cube"
+    from clipgs.data import sources
+
+    with pytest.MonkeyPatch.context() as mp:  # the memory guard covers grid files too
+        mp.setattr(sources, "MAX_FILE_BYTES", 100)
+        (big,) = [a for a in discover(str(src)) if a.key == "grids"]
+        with pytest.raises(GaussianFormatError, match="over the limit"):
+            big.load()
     (single,) = discover(str(src / "plain.obj"))
     assert single.key == "plain_obj"
     (again,) = discover(f"{src}//plain.obj")

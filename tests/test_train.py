@@ -314,6 +314,77 @@ def test_zero3_from_s3_resumes_from_the_mirror(tiny_dataset, tmp_path, s3_server
             assert torch.allclose(tensor, reference[name].float()), name
 
 
+def test_preflight_mistakes_are_one_line_before_any_rank_starts(tiny_dataset, tmp_path, capsys):
+    """What needs no ranks is checked in `clipgs train`'s own process: a missing dataset, an
+    embedding width other than the teacher's, a stop_at the run has already passed; and
+    option combinations the schedule or DeepSpeed cannot take are config errors."""
+    from clipgs.cli import main
+    from clipgs.train.checkpoint import MARKER
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step0000006").mkdir(parents=True)
+    (out / "checkpoints" / "step0000006" / MARKER).write_text("{}")
+    base = [f"data={tiny_dataset}", f"output_dir={out}", *TINY]
+    for extra, words in (([f"data={tmp_path}/nope"], "nope"),
+                         (["model.embed_dim=128"], "model.embed_dim=128: the shards' teacher"),
+                         (["stop_at=4"], "stop_at=4: the run's newest checkpoint is at step 6"),
+                         (["offload_optimizer=true", "zero_stage=0"], "needs zero_stage >= 1"),
+                         (["optim.min_lr=0.1", "optim.lr=0.01"], "min_lr=0.1 is above lr=0.01")):
+        assert main(["train", "--nproc", "2", *base, *extra]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, (extra, err)
+
+
+def test_resume_refuses_other_data_and_another_rank_count(tmp_path):
+    """A checkpoint of a run on other training shards is refused; so is one written by
+    another number of ranks under ZeRO >= 1 (DeepSpeed would fail deep inside its loader)."""
+    import json
+
+    import torch.distributed as dist
+
+    from clipgs.train import checkpoint
+
+    tag = tmp_path / checkpoint.tag_for(10)
+    tag.mkdir()
+    marker = {"step": 10, "samples_seen": 320, "fingerprint": "f", "teacher_sha256": "a" * 64,
+              "data_identity": "d1", "tag": tag.name, "world_size": 1}
+    (tag / checkpoint.MARKER).write_text(json.dumps(marker))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        with pytest.raises(ConfigError, match="a run on other training shards"):
+            checkpoint.restore(None, tmp_path, 0, 0, None, "f", data_identity="d2")
+        (tag / checkpoint.MARKER).write_text(json.dumps(dict(marker, world_size=4)))
+        with pytest.raises(ConfigError, match="written by 4 ranks; ZeRO-2 partitions"):
+            checkpoint.restore(None, tmp_path, 0, 0, None, "f", data_identity="d1",
+                               zero_stage=2)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_resume_against_another_tracking_store_logs_to_a_new_run(tiny_dataset, tmp_path):
+    """The checkpoint's MLflow run is not in this store: training goes on in a new run that
+    names the old one, instead of dying on "run not found"."""
+    import mlflow
+
+    from clipgs.data.shards import read_manifest
+    from clipgs.train.trainer import Tracker
+
+    db = f"sqlite:///{tmp_path}/other.db"
+    config = load_config(TrainConfig, None, [f"data={tiny_dataset}", "tracking.run_name=job-2",
+                                             f"tracking.tracking_uri={db}",
+                                             "tracking.system_metrics=false", *TINY])
+    tracker = Tracker(config, read_manifest(str(tiny_dataset)), {}, 1, "ab" * 16, 2)
+    try:
+        run = mlflow.MlflowClient(db).get_run(tracker.run_id)
+        assert tracker.run_id != "ab" * 16
+        assert run.data.tags["clipgs.resumed_run_id"] == "ab" * 16
+        assert run.data.tags["clipgs.run_name"] == "job-2"
+    finally:
+        tracker.metrics.close()
+        mlflow.end_run()
+
+
 def test_resume_false_clears_the_earlier_runs_checkpoints(tmp_path):
     """Else a later resume could pick up the earlier run's newer checkpoint."""
     import torch.distributed as dist
@@ -414,5 +485,6 @@ def test_resume_refuses_a_tampered_checkpoint_without_running_it(tiny_dataset, t
     assert not marker.exists()
     assert resumed.returncode != 0
     log = resumed.stdout + resumed.stderr
-    assert "StorageError" in log and "mp_rank_00_model_states.pt: refused" in log
+    # each rank's one line: "rank N: error: <file>: refused to load: ..."
+    assert "error: " in log and "mp_rank_00_model_states.pt: refused" in log
     assert "posix.system" in log

@@ -9,6 +9,7 @@ written last, so a dataset without one is unfinished. A bad object is reported i
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -16,6 +17,8 @@ import logging
 import multiprocessing
 import time
 import zlib
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -128,11 +131,50 @@ def triplets(assets: list[Asset], config: IngestConfig, image_size: int) -> Iter
         return
     global _WORK
     _WORK = (assets, config, image_size)
+    workers = min(config.workers, len(assets))
+    window = 4 * workers  # made ahead of the consumer, in order; memory stays bounded
+    pool = _pool(workers)
+    pending: collections.deque = collections.deque()
+    ahead = 0
+    try:
+        while ahead < len(assets) or pending:
+            while ahead < len(assets) and len(pending) < window:
+                pending.append((ahead, pool.submit(_work, ahead)))
+                ahead += 1
+            try:
+                result = pending[0][1].result()
+            except BrokenProcessPool:
+                # a worker died (the OOM killer, a crash in a native reader): multiprocessing's
+                # Pool would wait for its lost task for ever. Each object that was in flight is
+                # made again alone; the one that kills its worker again is rejected.
+                pool.shutdown(wait=False, cancel_futures=True)
+                for i, _ in pending:
+                    yield _alone(i, assets[i])
+                pending.clear()
+                pool = _pool(workers)
+                continue
+            pending.popleft()
+            yield result
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        _WORK = ()
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
     # fork: assets hold closures (how to load each), which a spawned worker could not unpickle
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(min(config.workers, len(assets)), initializer=_init_worker) as pool:
-        yield from pool.imap(_work, range(len(assets)), chunksize=2)
-    _WORK = ()
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_init_worker)
+
+
+def _alone(i: int, asset: Asset) -> tuple:
+    """``_work(i)`` in a worker of its own; its death rejects this object only."""
+    with _pool(1) as pool:
+        try:
+            return pool.submit(_work, i).result()
+        except BrokenProcessPool:
+            log.error("%s: the worker reading it died", asset.source)
+            return None, ("WorkerDied: the process reading it died (killed by the system - out "
+                          "of memory? - or crashed in a native reader)"), {}
 
 
 class TextCache:

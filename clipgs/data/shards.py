@@ -122,6 +122,15 @@ def manifest_checksum(manifest: dict) -> str:
     return sha256(json.dumps(manifest, sort_keys=True).encode())
 
 
+def training_data_identity(manifest: dict) -> str:
+    """What a training run's data is, by content: its training shards (names, counts,
+    checksums). Unlike ``manifest_checksum`` it stays the same when a re-ingestion that
+    changed nothing rewrites the manifest (new time, stage seconds)."""
+    shards = [{k: s.get(k) for k in ("name", "count", "sha256")}
+              for s in manifest["splits"].get("train", {}).get("shards", [])]
+    return sha256(json.dumps([shards, manifest["teacher"]["sha256"]]).encode())
+
+
 def shard_urls(dataset: str, manifest: dict, split: str) -> list[str]:
     shards = manifest["splits"].get(split, {}).get("shards", [])
     return [storage.join(dataset, s["name"]) for s in shards if s["count"] > 0]

@@ -350,7 +350,12 @@ def discover(source: str, limit: int | None = None, mesh_samples: int = 10_000) 
     assets = _object_assets(stats, root, mesh_samples)
     for f in files:
         if f.lower().endswith(".npz"):
-            grids = _grid_assets(f, root, limit)
+            if stats[f][0] > MAX_FILE_BYTES:  # the memory guard of every other file
+                grids = _unreadable_grids(f, root, GaussianFormatError(
+                    f, f"{stats[f][0]:,} bytes, over the limit of {MAX_FILE_BYTES:,} "
+                    "(CLIPGS_MAX_FILE_MB)"))
+            else:
+                grids = _grid_assets(f, root, limit)
             for a in grids:
                 a.version = _version(stats, [f])
             assets += grids

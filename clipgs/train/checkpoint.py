@@ -242,7 +242,8 @@ def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, local_rank: 
 
 
 def restore(engine, ckpt_dir: Path, rank: int, local_rank: int, mirror: str | None,
-            fingerprint: str, teacher_sha256: str | None = None) -> dict | None:
+            fingerprint: str, teacher_sha256: str | None = None,
+            data_identity: str | None = None, zero_stage: int = 0) -> dict | None:
     """Load the newest complete checkpoint (local, else the mirror's) into the engine and this
     rank's RNGs; returns its marker (step, samples_seen, run_id, ...) or None to start fresh.
     A checkpoint of another run (its ``fingerprint`` differs) is refused, not half-loaded."""
@@ -274,7 +275,17 @@ def restore(engine, ckpt_dir: Path, rank: int, local_rank: int, mirror: str | No
         raise ConfigError(f"{ckpt_dir / tag}: a checkpoint of a run with another model, "
                           "optimizer or schedule; give a new output_dir (and "
                           "checkpoint_mirror), or resume=false to start over")
+    if data_identity and marker.get("data_identity", data_identity) != data_identity:
+        raise ConfigError(f"{ckpt_dir / tag}: a checkpoint of a run on other training shards "
+                          "(the dataset was re-ingested with other objects, or is another "
+                          "one); give a new output_dir (and checkpoint_mirror), or "
+                          "resume=false to start over")
     if marker["world_size"] != dist.get_world_size():
+        if zero_stage >= 1:  # DeepSpeed refuses it deep inside load_checkpoint
+            raise ConfigError(f"{ckpt_dir / tag}: written by {marker['world_size']} ranks; "
+                              f"ZeRO-{zero_stage} partitions the optimizer state by rank, so "
+                              f"it resumes only on {marker['world_size']} ranks (this job has "
+                              f"{dist.get_world_size()}), or start over with resume=false")
         log.warning("checkpoint %s was written by %d ranks, resuming on %d", tag,
                     marker["world_size"], dist.get_world_size())
     _load_safely(engine)

@@ -29,6 +29,9 @@ def train(config_path: str | None, overrides: list[str], nproc: int | None = Non
         from clipgs.train.trainer import run
 
         return run(config)
+    from clipgs.train.trainer import preflight
+
+    preflight(config)
     nproc = nproc or config.nproc
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            "--nnodes=1", f"--master_port={free_port()}", "-m", "clipgs.train.trainer"]

@@ -23,8 +23,9 @@ import torch.nn as nn
 from clipgs.config import TrainConfig, flatten, load_config, to_yaml
 from clipgs.data import storage
 from clipgs.data.loader import group_on_device, train_loader
-from clipgs.data.shards import manifest_checksum, read_manifest, shard_urls
-from clipgs.errors import ConfigError, StorageError
+from clipgs.data.shards import (manifest_checksum, read_manifest, shard_urls,
+                                training_data_identity)
+from clipgs.errors import ClipgsError, ConfigError, StorageError
 from clipgs.models.encoder import build_encoder
 from clipgs.models.package import save_package
 from clipgs.train import checkpoint, distributed
@@ -57,18 +58,39 @@ class TrainModule(nn.Module):
         return out
 
 
-def run(config: TrainConfig) -> dict:
-    import deepspeed
-
+def preflight(config: TrainConfig) -> dict:
+    """The checks that need no ranks, made before any are started (``clipgs train`` runs them
+    in its own process, so a mistake is one line, not a traceback from every rank): the output
+    folder, the dataset's manifest and training shards, the embedding width against the
+    teacher's, and ``stop_at`` against the newest checkpoint. Returns the manifest."""
     if storage.is_s3(config.output_dir):
         raise ConfigError(f"output_dir={config.output_dir!r}: checkpoints are written to local "
                           "disk first; give a local folder and checkpoint_mirror=s3://...")
+    manifest = read_manifest(config.data)
+    if not shard_urls(config.data, manifest, "train"):
+        raise StorageError(f"{config.data}: no training shards in the manifest")
+    if config.model.embed_dim and config.model.embed_dim != manifest["embed_dim"]:
+        raise ConfigError(f"model.embed_dim={config.model.embed_dim}: the shards' teacher "
+                          f"embeds in {manifest['embed_dim']} dimensions, and the 3D embedding "
+                          "is trained against it; leave model.embed_dim unset")
+    if config.resume and config.stop_at:
+        ckpt_dir = str(Path(config.output_dir) / "checkpoints")
+        newest = max(checkpoint.complete_steps(ckpt_dir) + (checkpoint.complete_steps(
+            config.checkpoint_mirror) if config.checkpoint_mirror else []), default=0)
+        if newest >= config.stop_at:
+            raise ConfigError(f"stop_at={config.stop_at}: the run's newest checkpoint is at "
+                              f"step {newest} already; give a later stop_at, or none to "
+                              "finish the run")
+    return manifest
+
+
+def run(config: TrainConfig) -> dict:
+    import deepspeed
+
+    manifest = preflight(config)
     dist_info = distributed.setup()
     rank, is_main = dist_info.rank, dist_info.is_main
-    manifest = read_manifest(config.data)
     urls = shard_urls(config.data, manifest, "train")
-    if not urls:
-        raise StorageError(f"{config.data}: no training shards in the manifest")
     out_dir = Path(config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     embed_dim = config.model.embed_dim or manifest["embed_dim"]
@@ -86,11 +108,13 @@ def run(config: TrainConfig) -> dict:
     # resume: model, optimizer, LR schedule, RNGs; the data position is the step
     ckpt_dir = out_dir / "checkpoints"
     fingerprint = run_fingerprint(config)
+    data_identity = training_data_identity(manifest)
     marker = None
     if config.resume:
         marker = checkpoint.restore(engine, ckpt_dir, rank, dist_info.local_rank,
                                     config.checkpoint_mirror, fingerprint,
-                                    teacher_sha256=manifest["teacher"]["sha256"])
+                                    teacher_sha256=manifest["teacher"]["sha256"],
+                                    data_identity=data_identity, zero_stage=config.zero_stage)
     else:
         checkpoint.clear(ckpt_dir, rank, dist_info.local_rank, config.checkpoint_mirror)
     if marker is None:
@@ -131,7 +155,7 @@ def run(config: TrainConfig) -> dict:
         if step % config.checkpoint_every == 0 or step == end:
             checkpoint.save(engine, ckpt_dir, step, {
                 "step": step, "samples_seen": seen, "fingerprint": fingerprint,
-                "teacher_sha256": manifest["teacher"]["sha256"],
+                "teacher_sha256": manifest["teacher"]["sha256"], "data_identity": data_identity,
                 "run_id": tracker.run_id if tracker else None},
                 rank, dist_info.local_rank, config.checkpoint_mirror, config.keep_checkpoints)
 
@@ -194,6 +218,19 @@ def _memory(device: torch.device) -> dict[str, float]:
     return out
 
 
+def _run_exists(run_id: str) -> bool:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+        return True
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+
+
 class Tracker:
     """Rank 0's MLflow run: started (or, on resume, re-opened) with the config, the DeepSpeed
     config and the tags (git commit, dataset manifest checksum, config); metrics through a
@@ -207,9 +244,18 @@ class Tracker:
         self.config = config
         self.mlflow = mlflow = setup_mlflow(config.tracking.tracking_uri,
                                             config.tracking.experiment)
+        earlier = None
+        if run_id is not None and not _run_exists(run_id):
+            # resumed against another tracking store (or the run was deleted): training goes
+            # on in a new run that names the checkpoint's
+            log.warning("the checkpoint's MLflow run %s is not in %s; logging to a new run",
+                        run_id, config.tracking.tracking_uri)
+            earlier, run_id = run_id, None
         active = mlflow.start_run(run_id=run_id, run_name=None if run_id else
                                   config.tracking.run_name,
                                   log_system_metrics=config.tracking.system_metrics)
+        if earlier:
+            mlflow.set_tag("clipgs.resumed_run_id", earlier)
         self.run_id = active.info.run_id
         config_yaml = to_yaml(config)
         if run_id is None:
@@ -302,7 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0
                         else logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    run(load_config(TrainConfig, args.config, args.overrides))
+    try:
+        run(load_config(TrainConfig, args.config, args.overrides))
+    except ClipgsError as exc:  # expected: one line from the rank, no traceback
+        log.error("rank %s: error: %s", os.environ.get("RANK", "0"), exc)
+        return 2
     return 0
 
 
