@@ -139,6 +139,30 @@ def untrained(tiny_dataset, tmp_path_factory):
     return init_package(tmp_path_factory.mktemp("pkg") / "untrained", str(tiny_dataset), SMALL)
 
 
+def test_evaluating_on_shards_of_another_size_says_so(tiny_dataset, untrained, teacher,
+                                                     tmp_path, caplog):
+    """A model trained at 1024 gaussians an object, evaluated on shards of another size: the
+    figures are not serving's (which resamples to 1024), and the log says so."""
+    import json
+    import shutil
+
+    from clipgs.eval.evaluate import evaluate
+
+    pkg = tmp_path / "pkg"
+    shutil.copytree(untrained, pkg)
+    meta = json.loads((pkg / "clipgs.json").read_text())
+    (pkg / "clipgs.json").write_text(json.dumps(dict(meta, points=2048)))
+    cfg = EvalConfig(fewshot_episodes=0, plots=False)
+    with caplog.at_level("WARNING"):
+        evaluate(str(pkg), str(tiny_dataset), cfg, teacher=teacher)
+    assert "gaussians an object; the model was trained on (and serving resamples to) " \
+        "2048" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        evaluate(str(untrained), str(tiny_dataset), cfg, teacher=teacher)
+    assert "serving resamples" not in caplog.text
+
+
 def test_evaluate_logs_metrics_and_plots(tiny_dataset, untrained, teacher, tmp_path,
                                          monkeypatch):
     import mlflow

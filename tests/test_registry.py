@@ -220,9 +220,15 @@ def run_promotion_story(uri: str, data: str, candidates: dict, capsys) -> None:
     same = clipgs("promote", "--data", data, "--version", v2, *t, *EVAL)
     assert not same["promoted"] and "already champion" in same["reason"]
 
+    client.set_registered_model_alias("clipgs", "challenger", v2)  # v2 the latest promoted
     back = clipgs("promote", "--rollback", *t)
     assert back["champion"] == v1 and back["from"] == v2
     assert champion(client) == v1
+    # a plain promote does not put the version just rolled back up again
+    assert "'challenger' no longer names v" in back["reason"]
+    capsys.readouterr()
+    assert main(["promote", "--data", data, *t, *EVAL]) == 2
+    assert "has no 'challenger' alias" in capsys.readouterr().err
     assert "rolled back" in client.get_model_version("clipgs", v2).description
     capsys.readouterr()
     assert main(["promote", "--rollback", *t]) == 2  # v1 was the first champion

@@ -488,3 +488,40 @@ def test_resume_refuses_a_tampered_checkpoint_without_running_it(tiny_dataset, t
     # each rank's one line: "rank N: error: <file>: refused to load: ..."
     assert "error: " in log and "mp_rank_00_model_states.pt: refused" in log
     assert "posix.system" in log
+
+
+@pytest.mark.slow
+def test_a_training_that_crashes_is_a_failed_mlflow_run(tiny_dataset, tmp_path):
+    """One real rank whose step 2 raises: its MLflow run ends FAILED with the error, not
+    FINISHED (MLflow's exit hook ends a run left open as FINISHED)."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    db = f"sqlite:///{tmp_path}/mlflow.db"
+    script = tmp_path / "crash.py"
+    script.write_text(f"""
+import os, sys
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                  MASTER_PORT="{free_port()}")
+from clipgs.train import trainer
+calls = []
+real = trainer._to_device
+def crashing(*args):
+    calls.append(1)
+    if len(calls) == 2:
+        raise RuntimeError("injected: the node lost its GPU")
+    return real(*args)
+trainer._to_device = crashing
+sys.exit(trainer.main({[f"data={tiny_dataset}", f"output_dir={tmp_path / 'out'}",
+                        f"tracking.tracking_uri={db}", "tracking.system_metrics=false",
+                        *TINY]!r}))
+""")
+    proc = subprocess.run([sys.executable, str(script)], env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0 and "injected" in proc.stderr
+    (run,) = mlflow.MlflowClient(db).search_runs(
+        [mlflow.MlflowClient(db).get_experiment_by_name("clipgs").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["clipgs.error"] == "RuntimeError: injected: the node lost its GPU"

@@ -108,6 +108,11 @@ def evaluate(model_uri: str, data: str, config: EvalConfig | None = None,
     package = load_package(model_uri)
     manifest = read_manifest(data)
     check_teacher(manifest, package.meta["teacher"], data)
+    shard_points = manifest.get("config", {}).get("points")
+    if shard_points and int(shard_points) != package.points:
+        log.warning("%s holds %s gaussians an object; the model was trained on (and serving "
+                    "resamples to) %d: these figures may differ from what serving gives",
+                    data, shard_points, package.points)
     urls = shard_urls(data, manifest, config.split)
     if not urls:
         raise ClipgsError(f"{data}: no '{config.split}' shards to evaluate on")

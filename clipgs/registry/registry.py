@@ -280,8 +280,13 @@ def rollback(name: str, tracking_uri: str) -> dict:
                           "first); nothing to roll back to")
     _model_version(client, name, previous)  # still there (it may have been deleted)
     client.set_registered_model_alias(name, CHAMPION, previous)
-    record = {"rolled_back": True, "champion": previous, "from": current,
-              "reason": f"rolled back: {CHAMPION} moved from v{current} to v{previous}",
+    reason = f"rolled back: {CHAMPION} moved from v{current} to v{previous}"
+    if _alias_version(client, name, CHALLENGER) == current:
+        # else the next plain `promote` would evaluate the version just rolled back and, on
+        # the metrics alone, promote it again; `--version` can still name it on purpose
+        client.delete_registered_model_alias(name, CHALLENGER)
+        reason += f"; '{CHALLENGER}' no longer names v{current}"
+    record = {"rolled_back": True, "champion": previous, "from": current, "reason": reason,
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _record(client, name, current, ROLLBACK_TAG, record)
     log.info("%s: %s", name, record["reason"])

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -117,6 +118,8 @@ def run(config: TrainConfig) -> dict:
                                     data_identity=data_identity, zero_stage=config.zero_stage)
     else:
         checkpoint.clear(ckpt_dir, rank, dist_info.local_rank, config.checkpoint_mirror)
+        if is_main:  # nor is the earlier run's model left to look like this run's
+            shutil.rmtree(out_dir / "package", ignore_errors=True)
     if marker is None:
         torch.manual_seed(config.seed + 1 + rank)  # per-rank draws (random views, dropout)
     start = marker["step"] if marker else 0
@@ -125,64 +128,69 @@ def run(config: TrainConfig) -> dict:
 
     tracker = Tracker(config, manifest, ds_config, dist_info.world_size,
                       marker.get("run_id") if marker else None, start) if is_main else None
-    loader = iter(train_loader(urls, config, rank, dist_info.world_size, start_step=start))
-    samples_per_step = config.micro_batch * config.grad_accum * dist_info.world_size
-    t0, window_start, window_steps, data_wait = time.time(), time.perf_counter(), 0, 0.0
-    for step in range(start + 1, end + 1):
-        for _ in range(config.grad_accum):
-            t = time.perf_counter()
-            batch = next(loader)
-            data_wait += time.perf_counter() - t
-            out = engine(_to_device(batch, config, dist_info.device, bf16))
-            engine.backward(out["loss"])
-            engine.step()
-        seen += samples_per_step
-        window_steps += 1
-        if is_main and (step % config.log_every == 0 or step == end):
-            elapsed = time.perf_counter() - window_start
-            metrics = {k: float(v.detach()) for k, v in out.items()}
-            metrics.update(lr=scheduler.get_last_lr()[0],
-                           grad_norm=float(engine.get_global_grad_norm() or 0.0),
-                           samples_per_s=samples_per_step * window_steps / max(elapsed, 1e-9),
-                           data_wait_frac=data_wait / max(elapsed, 1e-9),
-                           samples_seen=seen, **_memory(dist_info.device))
-            tracker.log(metrics, step)
-            log.info("step %d/%d loss %.4f (text %.4f image %.4f) lr %.2e %.1f samples/s, "
-                     "%.0f%% waiting for data", step, config.steps, metrics["loss"],
-                     metrics["loss_text"], metrics["loss_image"], metrics["lr"],
-                     metrics["samples_per_s"], 100 * metrics["data_wait_frac"])
-            window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-        if step % config.checkpoint_every == 0 or step == end:
-            checkpoint.save(engine, ckpt_dir, step, {
-                "step": step, "samples_seen": seen, "fingerprint": fingerprint,
-                "teacher_sha256": manifest["teacher"]["sha256"], "data_identity": data_identity,
-                "run_id": tracker.run_id if tracker else None},
-                rank, dist_info.local_rank, config.checkpoint_mirror, config.keep_checkpoints)
+    try:
+        loader = iter(train_loader(urls, config, rank, dist_info.world_size, start_step=start))
+        samples_per_step = config.micro_batch * config.grad_accum * dist_info.world_size
+        t0, window_start, window_steps, data_wait = time.time(), time.perf_counter(), 0, 0.0
+        for step in range(start + 1, end + 1):
+            for _ in range(config.grad_accum):
+                t = time.perf_counter()
+                batch = next(loader)
+                data_wait += time.perf_counter() - t
+                out = engine(_to_device(batch, config, dist_info.device, bf16))
+                engine.backward(out["loss"])
+                engine.step()
+            seen += samples_per_step
+            window_steps += 1
+            if is_main and (step % config.log_every == 0 or step == end):
+                elapsed = time.perf_counter() - window_start
+                metrics = {k: float(v.detach()) for k, v in out.items()}
+                metrics.update(lr=scheduler.get_last_lr()[0],
+                               grad_norm=float(engine.get_global_grad_norm() or 0.0),
+                               samples_per_s=samples_per_step * window_steps / max(elapsed, 1e-9),
+                               data_wait_frac=data_wait / max(elapsed, 1e-9),
+                               samples_seen=seen, **_memory(dist_info.device))
+                tracker.log(metrics, step)
+                log.info("step %d/%d loss %.4f (text %.4f image %.4f) lr %.2e %.1f samples/s, "
+                         "%.0f%% waiting for data", step, config.steps, metrics["loss"],
+                         metrics["loss_text"], metrics["loss_image"], metrics["lr"],
+                         metrics["samples_per_s"], 100 * metrics["data_wait_frac"])
+                window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+            if step % config.checkpoint_every == 0 or step == end:
+                checkpoint.save(engine, ckpt_dir, step, {
+                    "step": step, "samples_seen": seen, "fingerprint": fingerprint,
+                    "teacher_sha256": manifest["teacher"]["sha256"], "data_identity": data_identity,
+                    "run_id": tracker.run_id if tracker else None},
+                    rank, dist_info.local_rank, config.checkpoint_mirror, config.keep_checkpoints)
 
-    result = {}
-    common = {"steps": config.steps, "step": end, "samples_seen": seen,
-              "resumed_from": start if marker else None,
-              "tracking_uri": config.tracking.tracking_uri}
-    if end < config.steps:  # stop_at: a job of a longer run; the next job resumes
-        if is_main:
-            run_id = tracker.stop(end)
-            result = dict(common, status="stopped", run_id=run_id, package=None,
-                          final_loss=None)
-    else:
-        state = checkpoint.export_fp32(engine)  # a collective: every rank takes part
-        if is_main:
-            encoder_state = {k: v for k, v in state.items() if k.startswith("encoder.")}
-            meta = {"model": config.model.model_dump(mode="json"), "embed_dim": embed_dim,
-                    "points": manifest["config"]["points"], "teacher": manifest["teacher"],
-                    "dataset_manifest_sha256": manifest_checksum(manifest),
-                    "training_run_id": tracker.run_id,
-                    # the scale training used: the parameter may sit above the cap
-                    "logit_scale": float(state["logit_scale"].exp()[0].clamp(
-                        max=config.loss.logit_scale_max))}
-            package = save_package(out_dir / "package", encoder_state, meta)
-            final_loss = tracker.finish(package, time.time() - t0)
-            result = dict(common, status="complete", run_id=tracker.run_id,
-                          package=str(package), final_loss=final_loss)
+        result = {}
+        common = {"steps": config.steps, "step": end, "samples_seen": seen,
+                  "resumed_from": start if marker else None,
+                  "tracking_uri": config.tracking.tracking_uri}
+        if end < config.steps:  # stop_at: a job of a longer run; the next job resumes
+            if is_main:
+                run_id = tracker.stop(end)
+                result = dict(common, status="stopped", run_id=run_id, package=None,
+                              final_loss=None)
+        else:
+            state = checkpoint.export_fp32(engine)  # a collective: every rank takes part
+            if is_main:
+                encoder_state = {k: v for k, v in state.items() if k.startswith("encoder.")}
+                meta = {"model": config.model.model_dump(mode="json"), "embed_dim": embed_dim,
+                        "points": manifest["config"]["points"], "teacher": manifest["teacher"],
+                        "dataset_manifest_sha256": manifest_checksum(manifest),
+                        "training_run_id": tracker.run_id,
+                        # the scale training used: the parameter may sit above the cap
+                        "logit_scale": float(state["logit_scale"].exp()[0].clamp(
+                            max=config.loss.logit_scale_max))}
+                package = save_package(out_dir / "package", encoder_state, meta)
+                final_loss = tracker.finish(package, time.time() - t0)
+                result = dict(common, status="complete", run_id=tracker.run_id,
+                              package=str(package), final_loss=final_loss)
+    except BaseException as exc:  # MLflow's exit hook would mark the run FINISHED
+        if tracker is not None:
+            tracker.fail(exc)
+        raise
     if is_main:
         storage.write_bytes(str(out_dir / RESULT), json.dumps(result, indent=1).encode())
     torch.distributed.barrier()
@@ -284,6 +292,14 @@ class Tracker:
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.losses[step] = metrics["loss"]
         self.metrics.log(metrics, step)
+
+    def fail(self, exc: BaseException) -> None:
+        """The run ends FAILED with the error as a tag: left open, MLflow's exit hook would
+        end it FINISHED, and a crashed training would look complete."""
+        self._quietly(lambda: (self.mlflow.set_tag("clipgs.error", f"{type(exc).__name__}: "
+                                                   f"{exc}"[:500]),
+                               self.mlflow.end_run("FAILED")))
+        self.metrics.close(10)
 
     def stop(self, step: int) -> str:
         self.metrics.close(60)
