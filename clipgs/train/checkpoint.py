@@ -22,6 +22,7 @@ import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -184,7 +185,10 @@ def load_weights_only(path: str, map_location=None):
     and the types above, nothing that could run code. DeepSpeed's own loader unpickles
     anything, and a checkpoint can come from the mirror, which is only as safe as its bucket."""
     try:
-        with torch.serialization.safe_globals(_deepspeed_types()):
+        with torch.serialization.safe_globals(_deepspeed_types()), warnings.catch_warnings():
+            # DeepSpeed saves with pickle protocol 4, which the weights-only reader handles;
+            # its "not the default protocol" notice would come once per file and rank
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's message suggests weights_only=False, the one thing not to do here: name
