@@ -245,6 +245,14 @@ def test_inspect_cli(shared_data, tmp_path, capsys):
     err = err.strip()
     assert len(err.splitlines()) == 1 and "broken.ply" in err and "missing" in err
     assert '"gaussians": 16' in out  # the good file after the bad one is still inspected
+    # the file-size memory guard holds for inspect too, before a byte is read
+    from clipgs.data import formats
+
+    donut = str(shared_data / "gaussians/donut.ply")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(formats, "MAX_FILE_BYTES", 1_000_000)
+        assert main(["inspect", donut]) == 2
+    assert "over the limit of 1,000,000 (CLIPGS_MAX_FILE_MB)" in capsys.readouterr().err
 
 
 def _fuzz_inputs(shared_data, tmp_path):

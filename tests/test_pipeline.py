@@ -135,3 +135,19 @@ def test_embed_with_the_champion(pipeline_run, shared_data, capsys):
     bad.write_bytes(b"not a ply")
     assert main(["embed", "--tracking-uri", db, str(bad)]) == 2
     assert "bad.ply" in capsys.readouterr().err
+    # a version registered with small serving limits: more files than its rows per request
+    # go in several requests; a file over its size limit is one line naming the file
+    capsys.readouterr()
+    t = ["--tracking-uri", db]
+    assert main(["register", "--run-id", summary["training_run_id"], "--max-rows", "1",
+                 "--max-file-bytes", "1000000", *t]) == 0
+    version = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["version"]
+    small = f"models:/clipgs/{version}"
+    assert main(["embed", "--model", small, "--out", str(root / "s.npy"), *t, *files]) == 0
+    np.testing.assert_allclose(np.load(root / "s.npy"), emb, atol=1e-5)
+    big = str(shared_data / "gaussians/donut.ply")
+    capsys.readouterr()
+    assert main(["embed", "--model", small, *t, big]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "donut.ply: file of about" in err
+    assert "(max_file_bytes)" in err

@@ -38,6 +38,8 @@ POINT_SUFFIXES = (".xyz",)
 FORMATS = GAUSSIAN_SUFFIXES + MESH_SUFFIXES + POINT_SUFFIXES
 # how far from unit length a quaternion may be before normalising it earns a warning
 QUAT_TOLERANCE = 1e-3
+# the memory guard of every reader: a file above this is refused before a byte is read
+MAX_FILE_BYTES = int(float(os.environ.get("CLIPGS_MAX_FILE_MB", 4096)) * 2**20)
 # log-scales above this are no splat: exp() of them overflows float32 near 88.7, and the
 # activated scale (exp / the object's radius) with them
 MAX_LOG_SCALE = 80.0
@@ -302,17 +304,38 @@ def read_gaussians(data: bytes, path: str, mesh_samples: int = 10_000, seed: int
     return _guarded(data, path, mesh_samples, seed)
 
 
+def check_file_size(path: str) -> None:
+    """``CLIPGS_MAX_FILE_MB``: a larger file is refused before it is read."""
+    from clipgs.data.storage import size
+
+    nbytes = size(path)
+    if nbytes > MAX_FILE_BYTES:
+        raise GaussianFormatError(path, f"{nbytes:,} bytes, over the limit of "
+                                  f"{MAX_FILE_BYTES:,} (CLIPGS_MAX_FILE_MB)")
+
+
+def read_file_bytes(path: str) -> bytes:
+    """A file's bytes (local or ``s3://``), after the size guard."""
+    from clipgs.data.storage import is_s3, read_bytes
+
+    if not is_s3(path) and not os.path.isfile(path.removeprefix("file://")):
+        raise GaussianFormatError(path, "no such file")
+    check_file_size(path)
+    return read_bytes(path)
+
+
 def load_gaussians(path: str | os.PathLike, mesh_samples: int = 10_000, seed: int = 0
                    ) -> GaussianCloud:
     """Read a file from a local path (binary .ply straight into one array) or ``s3://``."""
-    from clipgs.data.storage import is_s3, read_bytes
+    from clipgs.data.storage import is_s3
 
     path = str(path)
     if is_s3(path):
-        return read_gaussians(read_bytes(path), path, mesh_samples, seed)
+        return read_gaussians(read_file_bytes(path), path, mesh_samples, seed)
     local = path.removeprefix("file://")
     if not os.path.isfile(local):
         raise GaussianFormatError(path, "no such file")
+    check_file_size(local)
     return _guarded(local, path, mesh_samples, seed)
 
 

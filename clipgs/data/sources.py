@@ -30,7 +30,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from clipgs.data.formats import FORMATS, GAUSSIAN_SUFFIXES, read_gaussians
+from clipgs.data.formats import FORMATS, GAUSSIAN_SUFFIXES, MAX_FILE_BYTES, read_gaussians
 from clipgs.data.gaussians import GaussianCloud
 from clipgs.data.storage import is_s3, list_stats, read_bytes
 from clipgs.errors import GaussianFormatError, StorageError
@@ -39,8 +39,6 @@ MODELNET10_CLASSES = ("bathtub", "bed", "chair", "desk", "dresser", "monitor", "
                       "sofa", "table", "toilet")
 PROMPT = "a 3D model of a {}"
 TEST_FRACTION = 0.2
-# objects larger than this are refused before reading (a memory guard)
-MAX_FILE_BYTES = int(float(os.environ.get("CLIPGS_MAX_FILE_MB", 4096)) * 2**20)
 
 
 @dataclass

@@ -132,6 +132,17 @@ def exists(url: str) -> bool:
     return _local(url).exists()
 
 
+def size(url: str) -> int:
+    """A file's size in bytes, without reading it."""
+    try:
+        if is_s3(url):
+            bucket, key = _split(url)
+            return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
+        return _local(url).stat().st_size
+    except Exception as exc:
+        raise StorageError(f"{url}: cannot read ({exc})") from None
+
+
 def list_stats(url: str) -> dict[str, tuple[int, str]]:
     """Every file under a folder or ``s3://`` prefix -> (size in bytes, version), sorted by
     URL. The version changes when the file does: its ETag in S3, its modification time (ns)
