@@ -77,6 +77,9 @@ def test_request_rules_in_process(package, files):
                                               limits)[0])
     assert "not valid base64" in str(parse_rows(pd.DataFrame({"data": ["%%%"]}), package,
                                                 limits)[0])
+    wrapped = b64(files["donut"])
+    wrapped = "\n".join(wrapped[i:i + 76] for i in range(0, len(wrapped), 76))  # GNU base64
+    assert parse_rows(pd.DataFrame({"data": [wrapped]}), package, limits)[0].kind == "3d"
     listed = parse_rows(pd.DataFrame({"text": [["a", "b"]]}), package, limits)[0]
     assert "'text' is a list; expected one string per row" in str(listed)
 

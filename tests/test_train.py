@@ -463,6 +463,13 @@ def test_deepspeed_files_load_weights_only(tmp_path):
         load_weights_only(str(tmp_path / "bad.pt"))
     assert not marker.exists()
     assert LossScaler not in torch.serialization.get_safe_globals()  # only while loading
+    # a truncated file: named, with the way out (the checkpoint before it)
+    tag = tmp_path / "step0000004"
+    tag.mkdir()
+    (tag / "model.pt").write_bytes((tmp_path / "ok.pt").read_bytes()[:300])
+    with pytest.raises(StorageError, match=r"model\.pt: not a readable checkpoint file .*"
+                       r"remove step0000004 \(here and in the checkpoint_mirror\)"):
+        load_weights_only(str(tag / "model.pt"))
 
 
 @pytest.mark.slow

@@ -104,6 +104,8 @@ def _decode_file(i: int, b64, declared, limits: ServingLimits) -> tuple[bytes, s
         raise RequestError(f"{name}: 'data' must be one base64 string per row, got "
                            f"{type(b64).__name__}; send rows as dataframe_records, "
                            "dataframe_split, or 'inputs' as a list of records")
+    # line breaks (GNU base64 wraps at 76 columns unless -w0) are not part of the data
+    b64 = b"".join(b64.split()) if isinstance(b64, bytes) else "".join(b64.split())
     approx = len(b64) * 3 // 4
     if approx > limits.max_file_bytes:
         raise RequestError(f"{name}: file of about {approx} bytes exceeds the limit of "

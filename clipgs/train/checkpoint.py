@@ -201,7 +201,11 @@ def load_weights_only(path: str, map_location=None):
             "clipgs; remove this checkpoint here and in the checkpoint_mirror, or start over "
             "with resume=false") from None
     except (RuntimeError, EOFError) as exc:  # truncated or not a torch file at all
-        raise StorageError(f"{path}: not a readable checkpoint file ({exc})") from exc
+        tag = Path(path).parent
+        raise StorageError(f"{path}: not a readable checkpoint file ({str(exc).splitlines()[0]}"
+                           f"); remove {tag.name} (here and in the checkpoint_mirror) to resume "
+                           "from the checkpoint before it, or start over with resume=false"
+                           ) from exc
 
 
 def _load_safely(engine) -> None:
