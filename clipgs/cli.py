@@ -48,9 +48,14 @@ def cmd_render(args) -> int:
         raise ClipgsError(f"--out {args.out}: no folder {out.parent}")
     points = load_gaussians(args.file).activated()
     image = (render(points, ring_cameras(args.views)[args.view], args.size) * 255).byte()
-    from clipgs.data.storage import write_bytes
+    png = to_png(image.numpy())
+    if out.is_symlink() or (out.exists() and not out.is_file()):  # through a link, to a device
+        with open(out, "wb") as f:
+            f.write(png)
+    else:
+        from clipgs.data.storage import write_bytes
 
-    write_bytes(str(out), to_png(image.numpy()))  # whole or not at all
+        write_bytes(str(out), png)  # whole or not at all
     print(f"wrote {args.out}")
     return 0
 

@@ -102,10 +102,20 @@ class ModelConfig(_Strict):
                                  "model.size=custom")
         return data
 
+    @model_validator(mode="after")
+    def _init_from_needs_a_size(self):
+        if self.init_from and self.size == "custom":
+            raise ValueError("init_from needs the Uni3D size the checkpoint was trained with "
+                             "(model.size=tiny|small|base|large|giant): its head count is not "
+                             "in the weights, and a wrong one loads without error but computes "
+                             "something else")
+        return self
+
 
 class OptimConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
-    min_lr: float = Field(1e-5, ge=0)
+    min_lr: float = Field(1e-5, ge=0, description="the cosine schedule's floor; the default "
+                          "becomes lr/100 for an lr below it")
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
     warmup_steps: int = Field(20, ge=0)
@@ -113,6 +123,8 @@ class OptimConfig(_Strict):
 
     @model_validator(mode="after")
     def _min_lr_below_lr(self):
+        if self.min_lr > self.lr and self.min_lr == OptimConfig.model_fields["min_lr"].default:
+            self.min_lr = self.lr / 100  # a small lr alone still works, as before this check
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr={self.min_lr:g} is above lr={self.lr:g}; the cosine "
                              "schedule decays from lr to min_lr")

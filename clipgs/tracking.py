@@ -84,6 +84,7 @@ class BufferedMetrics:
         self.failing = False
         self._cond = threading.Condition()
         self._closed = False
+        self._wake = False  # flush() asks a sender waiting out its back-off to try now
         self._thread = threading.Thread(target=self._run, name="clipgs-metrics", daemon=True)
         self._thread.start()
 
@@ -120,13 +121,19 @@ class BufferedMetrics:
                 self.client.log_batch(self.run_id, metrics=batch)
             except Exception as exc:  # noqa: BLE001 - any tracking failure is survivable here
                 if not self.failing:
+                    first = (str(exc).splitlines() or [type(exc).__name__])[0]
                     log.warning("could not send %d metric values to MLflow (%s); keeping them "
-                                "and retrying", len(batch), str(exc).splitlines()[0][:200])
+                                "and retrying", len(batch), first[:200])
                 self.failing = True
                 with self._cond:
+                    # the back-off holds whatever log() does (its notify is for an idle
+                    # sender); only flush() and close() cut it short
+                    retry_at = time.monotonic() + delay
+                    while not (self._closed or self._wake) and time.monotonic() < retry_at:
+                        self._cond.wait(retry_at - time.monotonic())
+                    self._wake = False
                     if self._closed:
                         return
-                    self._cond.wait(delay)
                 delay = min(delay * 2, self.max_retry_s)
                 continue
             if self.failing:
@@ -143,6 +150,7 @@ class BufferedMetrics:
         """Wait until everything logged so far is sent (True) or ``timeout`` passes (False)."""
         deadline = time.time() + timeout
         with self._cond:
+            self._wake = True
             self._cond.notify_all()
             while self.queue and time.time() < deadline:
                 self._cond.wait(min(0.2, max(0.0, deadline - time.time())))

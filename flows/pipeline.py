@@ -76,8 +76,12 @@ def retrain_flow(config: PipelineConfig = PipelineConfig(), tracking_uri: str | 
     train_cfg.data = shards
     train_cfg.output_dir = storage.join(cfg.workdir, "train")
     train_cfg.tracking.tracking_uri = tracking_uri
+    # the release values' path is the same in every flow-run pod (and was not a field before):
+    # not part of the key, so a retrain interrupted across an upgrade still resumes
     train_inputs = {"config": train_cfg.model_dump(mode="json"), "data": ingested,
-                    "backend": backend, "kube": kube.model_dump(mode="json") if kube else None}
+                    "backend": backend,
+                    "kube": kube.model_dump(mode="json", exclude={"release_values"})
+                    if kube else None}
     # One folder per training: a retrain resumed after a failure has the same inputs, so it
     # finds its checkpoints there (and in the mirror) and resumes inside training; a new
     # retrain (new data, new manifest) starts fresh rather than resuming yesterday's run.

@@ -183,7 +183,7 @@ def test_chart_mlflow_server_answers_its_service_name(tmp_path):
                                  timeout=10).status_code
 
         for host in (service_host, "nightly-clipgs-mlflow.ml.svc.cluster.local:80",
-                     f"localhost:{port}", "mlflow.example.com"):
+                     f"localhost:{port}", "mlflow.example.com", f"10.96.0.12:{port}"):
             assert status(host) == 200, host
         assert status("attacker.example.com") == 403
     finally:
@@ -237,7 +237,19 @@ def test_flow_run_pods_get_the_release_image_account_and_storage():
     volume = next(v for v in pod["volumes"] if v["name"] == "release")
     assert mount["mountPath"] == "/etc/clipgs/release"
     assert volume["configMap"]["name"] == "prod-clipgs-release-values"
-    assert by_kind(docs, "ConfigMap", "-release-values")
+    released = yaml.safe_load(by_kind(docs, "ConfigMap", "-release-values")[0]["data"][
+        "values.yaml"])
+    assert released["image"]["repository"] == "registry.example.com/clipgs"
+    # train.overrides stay out: they would come after the flow's own train.yaml and win
+    with_overrides = render({**RELEASE, "train": {"overrides": ["zero_stage=3"]}}, name="prod")
+    assert "overrides" not in yaml.safe_load(by_kind(with_overrides, "ConfigMap",
+                                                     "-release-values")[0]["data"]["values.yaml"])["train"]
+    # a changed pool template rolls the worker (whose init container updates the pool)
+    def checksum(d):
+        worker = by_kind(d, "Deployment", "-worker")[0]["spec"]["template"]["metadata"]
+        return worker["annotations"]["checksum/work-pool"]
+    assert checksum(docs) != checksum(render({}, name="prod")) and len(checksum(docs)) == 64
+    assert checksum(docs) == checksum(render(RELEASE, name="prod"))
     # what prefect-kubernetes does to the template's env (a dict) and command (a string)
     c["env"] = [{"name": k, "value": v} for k, v in variables["env"].items()]
     c["args"] = ["prefect", "flow-run", "execute"]

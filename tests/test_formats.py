@@ -217,6 +217,12 @@ def test_render_cli_refuses_bad_arguments_in_one_line(shared_data, tmp_path, cap
         assert len(err.splitlines()) == 1 and words in err, err
     assert main(["render", src, "--out", str(tmp_path / "v.png"), "--size", "32"]) == 0
     assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
+    # through a link, as open() would: the link stays, its target gets the image
+    (tmp_path / "link.png").symlink_to(tmp_path / "target.png")
+    (tmp_path / "target.png").write_bytes(b"")
+    assert main(["render", src, "--out", str(tmp_path / "link.png"), "--size", "32"]) == 0
+    assert (tmp_path / "link.png").is_symlink()
+    assert (tmp_path / "target.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_truncated_splat_and_unknown_suffix(shared_data):

@@ -35,6 +35,19 @@ def test_gate_reasons():
     assert not ok and "regressed" in why
 
 
+def test_default_guards_are_skipped_where_not_measured_named_ones_are_checked():
+    from clipgs.config import EvalConfig, PromoteConfig
+    from clipgs.errors import ConfigError
+    from clipgs.registry.registry import check_gate_names
+
+    no_r1 = EvalConfig(retrieval_ks=[5, 10])
+    check_gate_names(PromoteConfig(), no_r1)  # the defaults' *_r1 guards: "not measured"
+    # the same list after a trip through JSON (Prefect parameters) is still the defaults
+    check_gate_names(PromoteConfig.model_validate(PromoteConfig().model_dump()), no_r1)
+    with pytest.raises(ConfigError, match="retrieval_text_to_3d_r1"):
+        check_gate_names(PromoteConfig(guard_metrics=["retrieval_text_to_3d_r1"]), no_r1)
+
+
 def test_save_package_never_leaves_new_weights_under_old_meta(tiny_dataset, tmp_path):
     """A save that dies after the weights (here: meta that is not JSON) leaves a folder that
     load_package refuses, not the new weights under the old meta."""

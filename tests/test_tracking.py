@@ -89,3 +89,38 @@ def test_buffer_bound_without_a_server(monkeypatch):
         metrics.log({"a": step, "b": step}, step)
     assert metrics.pending() == 5 and metrics.dropped == 3
     assert not metrics.close(0.5)
+
+
+def test_backoff_holds_while_training_logs_and_the_sender_survives_any_error(monkeypatch):
+    """While the server is down the sender waits out its back-off however often training
+    logs (it retried on every log() call before); an error with an empty message does not
+    kill it, and what it kept is sent once a request succeeds."""
+    from clipgs.tracking import BufferedMetrics
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    metrics = BufferedMetrics("0" * 32, f"http://127.0.0.1:{free_port()}", capacity=1000,
+                              retry_s=1.0, max_retry_s=4.0)
+    attempts, real = [], metrics.client.log_batch
+
+    def counted(*args, **kwargs):
+        attempts.append(time.monotonic())
+        return real(*args, **kwargs)
+
+    metrics.client.log_batch = counted
+    for step in range(40):  # 2 s of training logging every 50 ms against a refused port
+        metrics.log({"loss": step}, step)
+        time.sleep(0.05)
+    assert 1 <= len(attempts) <= 3, len(attempts)  # t = 0, 1 s (then 3 s)
+
+    sent = []
+
+    def flaky(run_id, metrics=()):
+        if not sent:
+            sent.append(None)
+            raise TimeoutError()  # str() is "": the warning used to raise IndexError
+        sent.extend(metrics)
+
+    metrics.client.log_batch = flaky
+    assert metrics.flush(10) and metrics._thread.is_alive()
+    assert [m.step for m in sent[1:]] == list(range(40))
+    assert metrics.close(1)

@@ -333,6 +333,19 @@ def test_preflight_mistakes_are_one_line_before_any_rank_starts(tiny_dataset, tm
         assert main(["train", "--nproc", "2", *base, *extra]) == 2, extra
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, (extra, err)
+    # a Uni3D checkpoint: needs its size, is checked before a run starts, and is not read
+    # again by a run that resumes (the checkpoint has the weights; the file may be gone)
+    from clipgs.errors import StorageError
+    from clipgs.train.trainer import preflight
+
+    # a small lr alone still works: the default floor follows it
+    assert load_config(TrainConfig, None, ["optim.lr=5e-6"]).optim.min_lr == pytest.approx(5e-8)
+    with pytest.raises(ConfigError, match="init_from needs the Uni3D size"):
+        load_config(TrainConfig, None, ["model.init_from=uni3d.pt"])
+    uni3d = [f"data={tiny_dataset}", "model.size=tiny", f"model.init_from={tmp_path}/gone.pt"]
+    with pytest.raises(StorageError, match="gone.pt: cannot read"):
+        preflight(load_config(TrainConfig, None, uni3d + [f"output_dir={tmp_path}/new"]))
+    assert preflight(load_config(TrainConfig, None, uni3d + [f"output_dir={out}"]))[1] == 6
 
 
 def test_resume_refuses_other_data_and_another_rank_count(tmp_path):
@@ -382,6 +395,16 @@ def test_resume_against_another_tracking_store_logs_to_a_new_run(tiny_dataset, t
         assert run.data.tags["clipgs.run_name"] == "job-2"
     finally:
         tracker.metrics.close()
+        mlflow.end_run()
+    # a run deleted in the UI is still found, but cannot be re-opened: the same
+    mlflow.MlflowClient(db).delete_run(tracker.run_id)
+    again = Tracker(config, read_manifest(str(tiny_dataset)), {}, 1, tracker.run_id, 4)
+    try:
+        assert again.run_id != tracker.run_id
+        assert mlflow.MlflowClient(db).get_run(again.run_id).data.tags[
+            "clipgs.resumed_run_id"] == tracker.run_id
+    finally:
+        again.metrics.close()
         mlflow.end_run()
 
 

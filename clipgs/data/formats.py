@@ -318,7 +318,7 @@ def read_file_bytes(path: str) -> bytes:
     """A file's bytes (local or ``s3://``), after the size guard."""
     from clipgs.data.storage import is_s3, read_bytes
 
-    if not is_s3(path) and not os.path.isfile(path.removeprefix("file://")):
+    if not is_s3(path) and not os.path.exists(path.removeprefix("file://")):  # pipes too
         raise GaussianFormatError(path, "no such file")
     check_file_size(path)
     return read_bytes(path)

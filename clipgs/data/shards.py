@@ -245,11 +245,21 @@ def check_shards(dataset: str, manifest: dict, split: str) -> None:
     """Each shard of ``split`` is there with the bytes the manifest records, so a truncated or
     missing shard is named before anything is read (one stat a file, one listing on S3)."""
     shards = [s for s in manifest["splits"].get(split, {}).get("shards", []) if s["count"] > 0]
-    listed = storage.list_sizes(dataset) if storage.is_s3(dataset) else None
+    listed = None
+    if storage.is_s3(dataset):
+        try:  # one listing; a role without ListBucket falls back to one HEAD a shard
+            listed = storage.list_sizes(dataset)
+        except StorageError:
+            listed = {}
     for s in shards:
         url = storage.join(dataset, s["name"])
         if listed is not None:
             size = listed.get(url)
+            if size is None and storage.is_s3(dataset):
+                try:
+                    size = storage.size(url)
+                except StorageError:
+                    size = None
         else:
             path = Path(url)
             size = path.stat().st_size if path.is_file() else None

@@ -6,6 +6,10 @@ from __future__ import annotations
 import numpy as np
 
 RANK_BLOCK = 1024
+# bumped whenever a metric's definition changes, so that cached figures (the registry keeps
+# each version's evaluation) are never compared with figures of another definition;
+# 2: retrieval by a query's best right answer, teacher-side galleries as distinct rows
+METRICS_VERSION = 2
 # (metric name part, query side, gallery side); query i's match is gallery i
 RETRIEVAL_DIRECTIONS = (("text_to_3d", "txt", "g"), ("3d_to_text", "g", "txt"),
                         ("image_to_3d", "img", "g"), ("3d_to_image", "g", "img"))

@@ -233,11 +233,12 @@ class GSEncoder(nn.Module):
         return self.head(self.norm(x[:, 0]))
 
 
-def build_encoder(config: ModelConfig, embed_dim: int) -> GSEncoder:
+def build_encoder(config: ModelConfig, embed_dim: int, init: bool = True) -> GSEncoder:
     """The encoder of a new training run: initialised from ``config.init_from`` (a Uni3D
-    checkpoint) when given, with the load report logged."""
+    checkpoint) when given and ``init`` (not when a resume overwrites it anyway), with the load
+    report logged."""
     encoder = GSEncoder(config, embed_dim)
-    if config.init_from:
+    if config.init_from and init:
         from clipgs.models.uni3d import load_uni3d
 
         report = load_uni3d(encoder, config.init_from)

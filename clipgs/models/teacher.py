@@ -45,17 +45,30 @@ def _offline_env() -> None:
 
 
 def _load_state_dict(url: str) -> dict[str, torch.Tensor]:
-    from clipgs.data.storage import read_bytes
+    """The teacher's weights: safetensors or a tensors-only torch file, unwrapped from
+    ``state_dict`` / ``module`` / ``model`` and ``module.`` prefixes (open_clip's own training
+    checkpoints are DDP ones); anything else is one error naming the file."""
+    from clipgs.models.uni3d import Uni3DCheckpointError, read_checkpoint
 
-    data = read_bytes(url)
-    if url.endswith(".safetensors"):
-        from safetensors.torch import load
+    try:
+        return read_checkpoint(url)
+    except Uni3DCheckpointError as exc:
+        raise ConfigError(f"teacher.weights: {exc}") from None
 
-        return load(data)
-    import io
 
-    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    return state.get("state_dict", state)
+def _load_into(model: torch.nn.Module, url: str) -> None:
+    """Every weight of the model from ``url``, same names and shapes, or a ConfigError."""
+    state = _load_state_dict(url)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} (model {tuple(own[k].shape)})" for k in own
+             if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise ConfigError(f"teacher.weights={url} do not fit the model (another architecture "
+                          f"or not a CLIP checkpoint): missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]}, other shapes {wrong[:3]}")
+    model.load_state_dict(state, strict=True)
 
 
 class Teacher:
@@ -97,15 +110,14 @@ class Teacher:
             else:
                 if not config.open_clip_model:
                     raise ConfigError("teacher.kind=open_clip needs teacher.open_clip_model")
-                self.model = open_clip.create_model(config.open_clip_model, pretrained=None)
+                try:
+                    self.model = open_clip.create_model(config.open_clip_model, pretrained=None)
+                except RuntimeError as exc:  # "Model config for X not found"
+                    raise ConfigError(f"teacher.open_clip_model={config.open_clip_model}: "
+                                      f"{str(exc).splitlines()[0]}") from None
                 self.tokenizer = open_clip.get_tokenizer(config.open_clip_model)
         if config.weights:
-            missing, unexpected = self.model.load_state_dict(_load_state_dict(config.weights),
-                                                             strict=False)
-            if missing or unexpected:
-                raise ConfigError(f"teacher weights {config.weights} do not fit the model: "
-                                  f"missing {list(missing)[:5]}, unexpected "
-                                  f"{list(unexpected)[:5]}")
+            _load_into(self.model, config.weights)
         # on a GPU when there is one: at ingest the teacher is most of the work
         self.device = torch.device(os.environ.get(
             "CLIPGS_TEACHER_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))

@@ -142,13 +142,17 @@ def _requirements() -> list[str]:
 
 def _version_metrics(client, name: str, version: str, data: str, eval_config: EvalConfig
                      ) -> tuple[dict, str]:
-    """Evaluate one version on ``data``, cached as a version tag keyed by the dataset and
-    the evaluation config (the same shards under other prompts are another measurement)."""
+    """Evaluate one version on ``data``, cached as a version tag keyed by the dataset, the
+    evaluation config (the same shards under other prompts are another measurement) and the
+    metrics' definitions (a champion's figures cached before a metric changed are not
+    compared with a challenger's under the new one)."""
     from clipgs.data.shards import manifest_checksum, read_manifest
     from clipgs.eval.evaluate import evaluate
+    from clipgs.eval.metrics import METRICS_VERSION
 
     checksum = manifest_checksum(read_manifest(data))
-    key = hashlib.sha256((checksum + eval_config.model_dump_json()).encode()).hexdigest()
+    key = hashlib.sha256((checksum + eval_config.model_dump_json() +
+                          f"metrics-v{METRICS_VERSION}").encode()).hexdigest()
     tag = f"clipgs.eval.{key[:16]}"
     mv = client.get_model_version(name, version)
     if tag in mv.tags:
@@ -188,6 +192,11 @@ def check_gate_names(config: PromoteConfig, eval_config: EvalConfig) -> None:
     if config.metric not in names:
         raise ConfigError(f"gate metric '{config.metric}' is not a metric the evaluation "
                           f"reports; expected one of {names}")
+    # guards named by the user must be measured under this evaluation config; the default
+    # guards are skipped ("not measured, ignored") where it does not measure them (say,
+    # retrieval_ks without 1), as before the check existed
+    if config.guard_metrics == PromoteConfig.model_fields["guard_metrics"].default:
+        return
     unknown = [m for m in config.guard_metrics if m not in names]
     if unknown:
         raise ConfigError(f"guard metric(s) {unknown} are not metrics the evaluation reports; "

@@ -42,9 +42,9 @@ class TrainModule(nn.Module):
     """Encoder, learnable logit scale and loss in one module, so that under ZeRO-3 every
     parameter is gathered inside ``forward``."""
 
-    def __init__(self, config: TrainConfig, embed_dim: int):
+    def __init__(self, config: TrainConfig, embed_dim: int, init: bool = True):
         super().__init__()
-        self.encoder = build_encoder(config.model, embed_dim)
+        self.encoder = build_encoder(config.model, embed_dim, init)
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(config.loss.logit_scale_init)))
         self.loss = ClipGSLoss(config.loss)
         self.max_log_scale = math.log(config.loss.logit_scale_max)
@@ -59,11 +59,12 @@ class TrainModule(nn.Module):
         return out
 
 
-def preflight(config: TrainConfig) -> dict:
+def preflight(config: TrainConfig) -> tuple[dict, int]:
     """The checks that need no ranks, made before any are started (``clipgs train`` runs them
     in its own process, so a mistake is one line, not a traceback from every rank): the output
     folder, the dataset's manifest and training shards, the embedding width against the
-    teacher's, and ``stop_at`` against the newest checkpoint. Returns the manifest."""
+    teacher's, ``stop_at`` against the newest checkpoint, the Uni3D checkpoint of a run that
+    starts. Returns the manifest and the newest checkpoint's step (0: none)."""
     if storage.is_s3(config.output_dir):
         raise ConfigError(f"output_dir={config.output_dir!r}: checkpoints are written to local "
                           "disk first; give a local folder and checkpoint_mirror=s3://...")
@@ -74,21 +75,24 @@ def preflight(config: TrainConfig) -> dict:
         raise ConfigError(f"model.embed_dim={config.model.embed_dim}: the shards' teacher "
                           f"embeds in {manifest['embed_dim']} dimensions, and the 3D embedding "
                           "is trained against it; leave model.embed_dim unset")
-    if config.resume and config.stop_at:
+    newest = 0
+    if config.resume:
         ckpt_dir = str(Path(config.output_dir) / "checkpoints")
         newest = max(checkpoint.complete_steps(ckpt_dir) + (checkpoint.complete_steps(
             config.checkpoint_mirror) if config.checkpoint_mirror else []), default=0)
-        if newest >= config.stop_at:
-            raise ConfigError(f"stop_at={config.stop_at}: the run's newest checkpoint is at "
-                              f"step {newest} already; give a later stop_at, or none to "
-                              "finish the run")
-    return manifest
+    if config.stop_at and newest >= config.stop_at:
+        raise ConfigError(f"stop_at={config.stop_at}: the run's newest checkpoint is at "
+                          f"step {newest} already; give a later stop_at, or none to "
+                          "finish the run")
+    if config.model.init_from and not newest:  # read by every rank: missing, say so once
+        storage.size(config.model.init_from)
+    return manifest, newest
 
 
 def run(config: TrainConfig) -> dict:
     import deepspeed
 
-    manifest = preflight(config)
+    manifest, newest = preflight(config)
     dist_info = distributed.setup()
     rank, is_main = dist_info.rank, dist_info.is_main
     urls = shard_urls(config.data, manifest, "train")
@@ -96,7 +100,7 @@ def run(config: TrainConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     embed_dim = config.model.embed_dim or manifest["embed_dim"]
     torch.manual_seed(config.seed)  # the same initial weights on every rank
-    module = TrainModule(config, embed_dim)
+    module = TrainModule(config, embed_dim, init=not newest)  # a resume loads its own
     on_gpu = dist_info.device.type == "cuda"
     bf16 = use_bf16(config, on_gpu)
     ds_config = deepspeed_config(config, dist_info.world_size, on_gpu)
@@ -126,8 +130,15 @@ def run(config: TrainConfig) -> dict:
     seen = marker["samples_seen"] if marker else 0
     end = min(config.steps, config.stop_at or config.steps)
 
-    tracker = Tracker(config, manifest, ds_config, dist_info.world_size,
-                      marker.get("run_id") if marker else None, start) if is_main else None
+    try:
+        tracker = Tracker(config, manifest, ds_config, dist_info.world_size,
+                          marker.get("run_id") if marker else None, start) if is_main else None
+    except Exception as exc:  # MLflow down or refusing: one line, before any training
+        if isinstance(exc, ClipgsError):
+            raise
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise ClipgsError(f"MLflow at {config.tracking.tracking_uri}: cannot open the "
+                          f"training run ({first[:300]})") from None
     try:
         loader = iter(train_loader(urls, config, rank, dist_info.world_size, start_step=start))
         samples_per_step = config.micro_batch * config.grad_accum * dist_info.world_size
@@ -230,9 +241,8 @@ def _run_exists(run_id: str) -> bool:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    try:
-        mlflow.MlflowClient().get_run(run_id)
-        return True
+    try:  # a deleted run (still there, lifecycle "deleted") cannot be re-opened either
+        return mlflow.MlflowClient().get_run(run_id).info.lifecycle_stage == "active"
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return False

@@ -39,12 +39,16 @@ http://{{ include "clipgs.fullname" . }}-mlflow:{{ .Values.mlflow.port }}
 {{- end -}}
 
 {{/* Host headers the chart's MLflow server accepts: its Service by every in-cluster DNS name,
-     with or without the port, localhost (probes, kubectl port-forward) and mlflow.allowedHosts */}}
+     with or without the port, localhost (probes, kubectl port-forward), private IPv4 addresses
+     (MLflow's default) and mlflow.allowedHosts */}}
 {{- define "clipgs.mlflowAllowedHosts" -}}
 {{- $svc := printf "%s-mlflow" (include "clipgs.fullname" .) -}}
 {{- $hosts := list $svc (printf "%s.%s" $svc .Release.Namespace) (printf "%s.%s.svc" $svc .Release.Namespace) (printf "%s.%s.svc.cluster.local" $svc .Release.Namespace) "localhost" "127.0.0.1" -}}
 {{- $all := list -}}
 {{- range $hosts }}{{ $all = append (append $all .) (printf "%s:*" .) }}{{ end -}}
+{{- /* and MLflow's own default: private addresses (a ClusterIP, a pod IP) */ -}}
+{{- $all = concat $all (list "10.*" "192.168.*") -}}
+{{- range $i := until 16 }}{{ $all = append $all (printf "172.%d.*" (add 16 $i)) }}{{ end -}}
 {{- join "," (concat $all .Values.mlflow.allowedHosts) -}}
 {{- end -}}
 
@@ -79,4 +83,33 @@ nodeSelector:
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- end -}}
+
+{{/* the work pool's base job template: files/kubernetes-work-pool.json with this release's
+     defaults (worker-deployment.yaml; its hash restarts the worker when it changes) */}}
+{{- define "clipgs.workPoolJson" -}}
+{{- $name := include "clipgs.fullname" . -}}
+{{- $pool := .Files.Get "files/kubernetes-work-pool.json" | fromJson }}
+{{- $vars := $pool.variables.properties }}
+{{- $_ := set (index $vars "image") "default" (include "clipgs.image" (dict "root" . "gpu" false)) }}
+{{- $_ := set (index $vars "image_pull_policy") "default" .Values.image.pullPolicy }}
+{{- $_ := set (index $vars "service_account_name") "default" (printf "%s-worker" $name) }}
+{{- $_ := set (index $vars "namespace") "default" .Release.Namespace }}
+{{- $env := dict "MLFLOW_TRACKING_URI" (include "clipgs.mlflowUri" .) "CLIPGS_NAMESPACE" .Release.Namespace "PREFECT_SERVER_ANALYTICS_ENABLED" "false" }}
+{{- if .Values.s3.endpointUrl }}
+{{- $_ := set $env "AWS_ENDPOINT_URL" .Values.s3.endpointUrl }}
+{{- $_ := set $env "MLFLOW_S3_ENDPOINT_URL" .Values.s3.endpointUrl }}
+{{- end }}
+{{- $_ := set (index $vars "env") "default" $env }}
+{{- $pod := $pool.job_configuration.job_manifest.spec.template.spec }}
+{{- $container := index $pod.containers 0 }}
+{{- if .Values.s3.credentialsSecret }}
+{{- $_ := set $container "envFrom" (list (dict "secretRef" (dict "name" .Values.s3.credentialsSecret))) }}
+{{- end }}
+{{- with .Values.imagePullSecrets }}
+{{- $_ := set $pod "imagePullSecrets" . }}
+{{- end }}
+{{- $_ := set $container "volumeMounts" (append $container.volumeMounts (dict "name" "release" "mountPath" "/etc/clipgs/release" "readOnly" true)) }}
+{{- $_ := set $pod "volumes" (append $pod.volumes (dict "name" "release" "configMap" (dict "name" (printf "%s-release-values" $name)))) }}
+{{- toPrettyJson $pool }}
 {{- end -}}
