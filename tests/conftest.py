@@ -96,3 +96,26 @@ def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float, w
                 proc.kill()
             pytest.fail(f"{what} did not come up:\n" + log.read_text()[-3000:])
         time.sleep(0.5)
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """A server and its workers (their own process group): TERM, then KILL."""
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait(10)
+
+
+def fails(capsys, *argv) -> str:
+    """A `clipgs` command that fails the expected way: exit 2, its error on one line."""
+    from clipgs.cli import main
+
+    capsys.readouterr()
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"clipgs {argv[0]}: error: "), err
+    return line

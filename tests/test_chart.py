@@ -155,7 +155,7 @@ def test_chart_mlflow_server_answers_its_service_name(tmp_path):
     import requests
     import sys
 
-    from conftest import free_port, wait_for_http
+    from conftest import free_port, stop_process_group, wait_for_http
 
     port = free_port()
     docs = render({**OWN_MLFLOW, "mlflow": {**OWN_MLFLOW["mlflow"], "port": port,
@@ -187,12 +187,7 @@ def test_chart_mlflow_server_answers_its_service_name(tmp_path):
             assert status(host) == 200, host
         assert status("attacker.example.com") == 403
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait(10)
+        stop_process_group(proc)
 
 
 RELEASE = {"image": {"repository": "registry.example.com/clipgs"},

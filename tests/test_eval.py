@@ -6,6 +6,8 @@ import json
 import numpy as np
 import pytest
 
+from conftest import fails
+
 from clipgs.config import EvalConfig, ModelConfig
 from clipgs.errors import ClipgsError
 from clipgs.eval.fewshot import linear_probe_episodes
@@ -254,19 +256,6 @@ def test_evaluate_cli_and_clear_errors(tiny_dataset, untrained, tmp_path, capsys
     assert main(["evaluate", "--model", str(untrained), "--data", str(tiny_dataset),
                  "split=validation"]) == 2
     assert "no 'validation' shards" in capsys.readouterr().err
-
-
-def fails(capsys, *argv) -> str:
-    """A `clipgs` command that fails the expected way: exit 2, its error on one line."""
-    from clipgs.cli import main
-
-    capsys.readouterr()
-    assert main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    line = err.strip().splitlines()[-1]
-    assert line.startswith(f"clipgs {argv[0]}: error: "), err
-    return line
 
 
 def test_damaged_package_shard_and_run_id_are_one_line(tiny_dataset, untrained, tmp_path,

@@ -17,7 +17,7 @@ import torch
 
 from clipgs.config import ModelConfig, PromoteConfig
 from clipgs.registry.registry import gate
-from conftest import free_port, wait_for_http
+from conftest import fails, free_port, stop_process_group, wait_for_http
 
 SMALL = ModelConfig(depth=1, width=48)
 # both candidates are measured on the split the trained one was fitted to: what matters here
@@ -66,19 +66,6 @@ def test_save_package_never_leaves_new_weights_under_old_meta(tiny_dataset, tmp_
     save_package(path, {f"encoder.{k}": v for k, v in other.encoder.state_dict().items()}, meta)
     again = load_package(str(path)).encoder.state_dict()
     assert all(torch.equal(v, again[k]) for k, v in other.encoder.state_dict().items())
-
-
-def fails(capsys, *argv) -> str:
-    """A `clipgs` command that fails the expected way: exit 2, its error on one line."""
-    from clipgs.cli import main
-
-    capsys.readouterr()
-    assert main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    line = err.strip().splitlines()[-1]
-    assert line.startswith(f"clipgs {argv[0]}: error: "), err
-    return line
 
 
 def test_lookups_and_gate_mistakes_fail_in_one_line_before_evaluating(
@@ -292,18 +279,8 @@ def tracking_server(s3_server, tmp_path):
     url = f"http://127.0.0.1:{port}"
     wait_for_http(f"{url}/health", proc, tmp_path / "server.log", 120, "mlflow server")
     yield url
-    stop(proc)
+    stop_process_group(proc)
     log.close()
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """The server and its workers (their own process group): TERM, then KILL."""
-    os.killpg(proc.pid, 15)
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.wait(10)
 
 
 @pytest.mark.slow
