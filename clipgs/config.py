@@ -118,7 +118,8 @@ class OptimConfig(_Strict):
                           "becomes lr/100 for an lr below it")
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
-    warmup_steps: int = Field(20, ge=0)
+    warmup_steps: int = Field(20, ge=1, description="linear warm-up updates (DeepSpeed's "
+                              "WarmupCosineLR takes at least 2)")
     grad_clip: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")

@@ -1,3 +1,4 @@
+import io
 import json
 
 import numpy as np
@@ -104,6 +105,37 @@ def test_flat_splats_render_flat():
         areas[name] = (np.ptp(rows) + 1, np.ptp(cols) + 1)
     assert abs(areas["face"][0] - areas["face"][1]) <= 1  # round
     assert areas["edge"][0] <= 2 and areas["edge"][1] >= 4 * areas["edge"][0]  # a thin line
+
+
+def test_large_splats_cover_at_clip_resolution():
+    """A plane of overlapping splats renders solid at 224 px (CLIP's size): a fixed 4-px
+    footprint narrowed every splat to a 2-px sigma there and left the plane speckled."""
+    grid = np.stack(np.meshgrid(np.linspace(-0.4, 0.4, 11), np.linspace(-0.4, 0.4, 11)), -1)
+    splats = np.zeros((121, 14), np.float32)
+    splats[:, 0], splats[:, 2] = grid[..., 0].ravel(), grid[..., 1].ravel()  # the x-z plane
+    splats[:, 6], splats[:, 7:10], splats[:, 10] = 0.95, 0.06, 1.0  # ~6 px sigma at 224 px
+    camera = ring_cameras(1, elevation_deg=0, offset_deg=0)[0]  # looks along +y, at the plane
+    image = render(splats, camera, 224).numpy().mean(axis=2)
+    inner = image[70:154, 70:154]  # well inside the plane
+    assert inner.max() < 0.2, inner.max()  # solid: no background shows through
+    small = render(splats, camera, 64).numpy()  # at 64 px the footprint is as before (4 px)
+    np.testing.assert_array_equal(small, render(splats, camera, 64, max_radius=4).numpy())
+
+
+def test_thumbnails_with_transparency_or_16_bit_grey():
+    from PIL import Image
+
+    from clipgs.data.views import load_image
+
+    def png(img, **kw):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", **kw)
+        return buf.getvalue()
+
+    rgb = Image.new("RGB", (8, 8), (0, 0, 0))  # black marked transparent (tRNS): white
+    assert load_image(png(rgb, transparency=(0, 0, 0)), 8)[0, 0].tolist() == [255, 255, 255]
+    grey = Image.fromarray(np.full((8, 8), 33924, np.uint16))  # 16-bit grey, 132 in 8 bits
+    assert load_image(png(grey), 8)[0, 0].tolist() == [132, 132, 132]
 
 
 def test_ingest_resumes_and_reports_bad_objects(shared_data, tmp_path, teacher):

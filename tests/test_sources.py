@@ -84,6 +84,16 @@ def test_obj_with_mtl_and_texture_beside_it(tmp_path):
     np.testing.assert_allclose(_rgb(cloud).mean(0), np.array([250, 120, 0]) / 255, atol=0.02)
 
 
+def test_obj_with_uvs_and_a_plain_material_colour(tmp_path):
+    """Texture coordinates but no texture map: the material's Kd, not white."""
+    (tmp_path / "m.mtl").write_text("newmtl red\nKd 0.9 0.1 0.1\n")
+    (tmp_path / "tri.obj").write_text(
+        "mtllib m.mtl\nv 0 0 0\nv 1 0 0\nv 0 1 0\nvt 0 0\nvt 1 0\nvt 0 1\nusemtl red\n"
+        "f 1/1 2/2 3/3\n")
+    cloud = load_gaussians(tmp_path / "tri.obj", mesh_samples=200)
+    np.testing.assert_allclose(_rgb(cloud).mean(0), [0.9, 0.1, 0.1], atol=0.02)
+
+
 def _point_cloud_ply(n=400, text=False) -> bytes:
     rng = np.random.default_rng(0)
     v = np.empty(n, dtype=[("x", "f4"), ("y", "f4"), ("z", "f4"), ("red", "u1"),

@@ -82,6 +82,19 @@ def test_deepspeed_config_precision_offload_accumulation():
                                                          "zero_stage=0"]), 1, False)
 
 
+def test_no_weight_decay_on_embeddings_tokens_norms_and_biases():
+    from clipgs.train.engine import param_groups
+    from clipgs.train.trainer import TrainModule
+
+    module = TrainModule(load_config(TrainConfig, None, ["model.depth=1", "model.width=48"]),
+                         384)
+    names = {id(p): n for n, p in module.named_parameters()}
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in param_groups(module, 0.05))
+    assert {"encoder.seq_embed", "encoder.order_embed", "encoder.cls_token"} <= no_decay
+    assert all(not n.endswith((".bias", "_embed", "token")) for n in decay)
+    assert any(n.endswith("attn.qkv.weight") for n in decay)
+
+
 @pytest.mark.parametrize("drop_path", [0.0, 0.5])
 def test_activation_checkpointing_keeps_names_and_gradients(drop_path):
     """Also with stochastic depth: the recomputation in the backward pass replays the forward's
@@ -134,10 +147,23 @@ def test_stream_is_split_by_rank_and_reseeded_from_the_step(tiny_dataset):
     for epoch in (slice(0, 3), slice(3, 6)):
         assert sorted(per_rank[0][epoch] + per_rank[1][epoch]) == shards
     assert per_rank[0][:3] != per_rank[0][3:]  # a new permutation each epoch
+    # shards that do not divide evenly: an epoch still reads every one (9 on 2 readers)
+    odd = [f"s{i}" for i in range(9)]
+    first = [[d["url"] for _, d in zip(range(n), SplitShards(odd, "e", r, 2))]
+             for r, n in ((0, 5), (1, 4))]
+    assert sorted(first[0] + first[1]) == odd
     cfg.data_mode = "split"
     assert _batches(urls, cfg, 1, 0, 4)[3]["patches"].shape[0] == 4  # 16 samples > 1 shard
     with pytest.raises(ConfigError, match="data_mode=split: 2 training shards for 4 readers"):
         next(iter(SplitShards(urls, "s", 0, 4)))
+    # no shard readable (deleted, no credentials): an error, not a loader spinning for ever
+    from clipgs.errors import StorageError
+
+    for mode in ("resampled", "split"):
+        cfg.data_mode = mode
+        gone = [u.replace(".tar", "-gone.tar") for u in urls]
+        with pytest.raises(StorageError, match="shard reads failed in a row, none readable"):
+            _batches(gone, cfg, 0, 0, 1)
 
 
 def test_grouping_on_the_device_gives_the_model_input(tiny_dataset):
@@ -190,14 +216,14 @@ def test_only_checkpoints_with_a_marker_count(tmp_path):
 # ---- ZeRO 1, 2, 3 on two CPU ranks, stopped half-way and resumed ---------------------------
 
 def expected_lr(cfg: TrainConfig, step: int) -> float:
-    """DeepSpeed's WarmupCosineLR after ``step`` uninterrupted steps."""
+    """The LR update ``step`` of an uninterrupted run runs at: DeepSpeed's WarmupCosineLR at
+    iteration ``step`` (linear warm-up step/W, no update at LR 0)."""
     from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
     sched = WarmupCosineLR(opt, total_num_steps=cfg.steps, warmup_num_steps=cfg.optim.warmup_steps,
                            warmup_type="linear", cos_min_ratio=cfg.optim.min_lr / cfg.optim.lr)
-    for _ in range(step):
-        sched.step()
+    sched.step(step)
     return sched.get_last_lr()[0]
 
 
@@ -218,6 +244,7 @@ def check_resumed(out: Path, db: str, overrides: list[str], resumed_from: int = 
     assert sorted({m.step for m in loss}) == logged and all(np.isfinite(m.value) for m in loss)
     lr = {m.step: m.value for m in client.get_metric_history(result["run_id"], "lr")}
     assert [lr[s] for s in logged] == pytest.approx([expected_lr(cfg, s) for s in logged])
+    assert lr[logged[0]] > 0 and lr[cfg.steps] == pytest.approx(cfg.optim.min_lr)
     seen = {m.step: m.value for m in client.get_metric_history(result["run_id"], "samples_seen")}
     assert [seen[s] for s in logged] == [s * cfg.micro_batch * 2 for s in logged]
     run = client.get_run(result["run_id"])

@@ -16,6 +16,7 @@ run it replaces (the position is the step; see clipgs/train/checkpoint.py).
 
 from __future__ import annotations
 
+import logging
 import random
 
 import numpy as np
@@ -23,8 +24,10 @@ import torch
 
 from clipgs.config import TrainConfig
 from clipgs.data.shards import decode_sample, register_s3_scheme
-from clipgs.errors import ConfigError
+from clipgs.errors import ConfigError, StorageError
 from clipgs.models.tokenizer import fps_numpy, group_numpy
+
+log = logging.getLogger(__name__)
 
 
 def _worker() -> tuple[int, int]:
@@ -52,16 +55,37 @@ class SplitShards(torch.utils.data.IterableDataset):
             raise ConfigError(f"data_mode=split: {len(self.urls)} training shards for {slots} "
                               "readers (ranks x loader_workers); use data_mode=resampled or "
                               "ingest smaller shards")
-        # every reader takes the same number of shards per epoch, so no rank runs dry first
-        per_slot = len(self.urls) // slots
+        # dealt round-robin: an epoch reads every shard once (readers may differ by one
+        # shard an epoch; the stream is endless, so none runs dry)
         mine = self.rank * workers + worker
         epoch = 0
         while True:
             order = random.Random(f"{self.seed}-epoch-{epoch}").sample(self.urls,
                                                                        len(self.urls))
-            for url in order[mine * per_slot:(mine + 1) * per_slot]:
+            for url in order[mine::slots]:
                 yield {"url": url}
             epoch += 1
+
+
+class ReadErrors:
+    """A shard that cannot be read is skipped with a warning, as webdataset's
+    ``warn_and_continue`` does; but ``limit`` failures in a row with no sample between (no
+    shard readable: deleted, no credentials) are an error, not a loader that spins for ever."""
+
+    def __init__(self, limit: int):
+        self.limit, self.run = max(limit, 4), 0
+
+    def handler(self, exc: Exception) -> bool:
+        self.run += 1
+        if self.run >= self.limit:
+            raise StorageError(f"{self.run} shard reads failed in a row, none readable (last: "
+                               f"{exc}); check the shards and the storage credentials")
+        log.warning("skipping a shard that cannot be read: %s", exc)
+        return True
+
+    def ok(self, sample: dict) -> dict:
+        self.run = 0
+        return sample
 
 
 def shuffled(bufsize: int, seed: str):
@@ -131,9 +155,11 @@ def train_loader(urls: list[str], config: TrainConfig, rank: int, world_size: in
         source = SplitShards(urls, stream_seed(config.seed, -1, start_step), rank, world_size)
     m = config.model
     groups = m.groups if config.grouping == "loader" else None
+    errors = ReadErrors(2 * len(urls))
     pipeline = wds.DataPipeline(
         source,
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.tarfile_to_samples(handler=errors.handler),
+        wds.map(errors.ok),
         shuffled(config.shuffle_buffer, seed),
         wds.map(decode_sample),
         wds.map(lambda s: to_training_sample(s, groups, m.group_size)),

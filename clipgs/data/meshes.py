@@ -48,10 +48,11 @@ def sample_surface(vertices: np.ndarray, faces: np.ndarray, count: int,
 def _texture_colour(material, uv: np.ndarray) -> np.ndarray | None:
     image = getattr(material, "baseColorTexture", None) or getattr(material, "image", None)
     factor = getattr(material, "baseColorFactor", None)
-    factor = (np.asarray(factor, np.float32)[:3] / 255.0 if factor is not None
-              else np.ones(3, np.float32))
-    if image is None:
+    factor = np.asarray(factor, np.float32)[:3] / 255.0 if factor is not None else None
+    if image is None:  # no texture: the factor if any, else the material's colour (OBJ's Kd)
         return None if factor is None else np.broadcast_to(factor, (len(uv), 3))
+    if factor is None:
+        factor = np.ones(3, np.float32)
     pixels = np.asarray(image.convert("RGB"), np.float32) / 255.0
     h, w = pixels.shape[:2]
     u = np.mod(uv[:, 0], 1.0) * (w - 1)

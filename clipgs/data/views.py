@@ -47,13 +47,17 @@ def quaternion_matrix(q: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def render(points: np.ndarray | torch.Tensor, rotation: torch.Tensor, size: int = 64,
-           background: float = 1.0, max_radius: int = 4) -> torch.Tensor:
+           background: float = 1.0, max_radius: int | None = None) -> torch.Tensor:
     """Render activated gaussians [N, 14] (normalised to the unit ball) from one camera.
 
     Each gaussian's 3D covariance R S S^T R^T is projected to the image (EWA splatting under an
     orthographic camera, plus 3DGS's 0.3 px^2 low-pass), so flat splats look flat. Footprints
-    are cut at ``max_radius`` pixels. Returns an image [size, size, 3] in [0, 1].
+    are cut at ``max_radius`` pixels, and a splat wider than that is narrowed to fit; by
+    default it grows with the image (4 px at 64 px, 14 at 224) - a fixed 4 px thinned every
+    splat of an object at CLIP's 224 px to speckles. Returns an image [size, size, 3] in [0, 1].
     """
+    if max_radius is None:
+        max_radius = max(4, round(4 * size / 64))
     p = torch.as_tensor(points, dtype=torch.float32)
     xyz = p[:, SLICES["xyz"]] @ rotation.T
     rgb = p[:, SLICES["rgb"]]
@@ -177,7 +181,10 @@ def load_image(data: bytes, size: int) -> np.ndarray:
     """A PNG/JPEG as uint8 [size, size, 3], alpha composited on white."""
     img = Image.open(io.BytesIO(data))
     img.load()
-    if img.mode in ("RGBA", "LA", "P"):
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: to 8 bits, not clipped
+        img = Image.fromarray((np.asarray(img, np.float64) / 257.0).clip(0, 255).astype(
+            np.uint8))
+    if img.mode in ("RGBA", "LA", "P", "PA") or "transparency" in img.info:
         img = img.convert("RGBA")
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, img)

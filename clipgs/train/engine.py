@@ -64,10 +64,13 @@ def bf16_buffers(module: nn.Module) -> nn.Module:
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, tokens and embeddings."""
+    """No weight decay on biases, norms, tokens and embeddings (the serialization's
+    ``seq_embed`` and ``order_embed`` included)."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():
-        (no_decay if p.ndim < 2 or "token" in name or "cls_pos" in name else decay).append(p)
+        leaf = name.rsplit(".", 1)[-1]
+        no = p.ndim < 2 or "token" in name or "cls_pos" in name or leaf.endswith("_embed")
+        (no_decay if no else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

@@ -126,6 +126,10 @@ def run(config: TrainConfig) -> dict:
             shutil.rmtree(out_dir / "package", ignore_errors=True)
     if marker is None:
         torch.manual_seed(config.seed + 1 + rank)  # per-rank draws (random views, dropout)
+        # DeepSpeed's WarmupCosineLR starts at iteration -1 (LR 0) and steps after each update,
+        # so the first two updates would run at LR 0 and the schedule one step late: start it
+        # at iteration 1, so update k runs at iteration k (warm-up k/W, min_lr by the end)
+        scheduler.step(1)
     start = marker["step"] if marker else 0
     seen = marker["samples_seen"] if marker else 0
     end = min(config.steps, config.stop_at or config.steps)
@@ -144,6 +148,7 @@ def run(config: TrainConfig) -> dict:
         samples_per_step = config.micro_batch * config.grad_accum * dist_info.world_size
         t0, window_start, window_steps, data_wait = time.time(), time.perf_counter(), 0, 0.0
         for step in range(start + 1, end + 1):
+            lr = scheduler.get_last_lr()[0]  # the LR this update runs at (it steps after)
             for _ in range(config.grad_accum):
                 t = time.perf_counter()
                 batch = next(loader)
@@ -156,8 +161,10 @@ def run(config: TrainConfig) -> dict:
             if is_main and (step % config.log_every == 0 or step == end):
                 elapsed = time.perf_counter() - window_start
                 metrics = {k: float(v.detach()) for k, v in out.items()}
-                metrics.update(lr=scheduler.get_last_lr()[0],
-                               grad_norm=float(engine.get_global_grad_norm() or 0.0),
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None:  # ZeRO-0 in fp32 does not keep it: not logged as 0
+                    metrics["grad_norm"] = float(grad_norm)
+                metrics.update(lr=lr,
                                samples_per_s=samples_per_step * window_steps / max(elapsed, 1e-9),
                                data_wait_frac=data_wait / max(elapsed, 1e-9),
                                samples_seen=seen, **_memory(dist_info.device))
@@ -379,6 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     except ClipgsError as exc:  # expected: one line from the rank, no traceback
         log.error("rank %s: error: %s", os.environ.get("RANK", "0"), exc)
         return 2
+    finally:
+        # the process group's threads stopped before the interpreter exits: left to exit,
+        # a rank was seen to abort ("terminate called without an active exception") after
+        # a run had finished, failing the job
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
