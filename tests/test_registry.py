@@ -48,6 +48,18 @@ def test_default_guards_are_skipped_where_not_measured_named_ones_are_checked():
         check_gate_names(PromoteConfig(guard_metrics=["retrieval_text_to_3d_r1"]), no_r1)
 
 
+def test_a_package_trained_from_a_uni3d_checkpoint_loads(tiny_dataset, tmp_path):
+    """Its meta keeps init_from (where training started) under a custom size: loading it
+    does not apply the training-time rule that init_from needs a Uni3D size."""
+    from clipgs.models.package import init_package, load_package
+
+    pkg = init_package(tmp_path / "pkg", str(tiny_dataset), SMALL)
+    meta = json.loads((pkg / "clipgs.json").read_text())
+    meta["model"]["init_from"] = "s3://models/uni3d-ti.safetensors"
+    (pkg / "clipgs.json").write_text(json.dumps(meta))
+    assert load_package(str(pkg)).encoder is not None
+
+
 def test_save_package_never_leaves_new_weights_under_old_meta(tiny_dataset, tmp_path):
     """A save that dies after the weights (here: meta that is not JSON) leaves a folder that
     load_package refuses, not the new weights under the old meta."""

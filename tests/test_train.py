@@ -316,7 +316,7 @@ def test_zero3_from_s3_resumes_from_the_mirror(tiny_dataset, tmp_path, s3_server
     db, out = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "train"
     overrides = [f"data={data}", f"output_dir={out}", "zero_stage=3",
                  "activation_checkpointing=true", f"checkpoint_mirror={s3_server}/ckpt",
-                 "keep_checkpoints=1", *TINY]
+                 "keep_checkpoints=1", *TINY, "log_every=1"]  # the first resumed step too
     # named as the Kubernetes flow names each Job's run: job 2 re-opens job 1's run
     assert main(["train", "--nproc", "2", "--tracking-uri", db, *overrides, "stop_at=2",
                  "tracking.run_name=job-1"]) == 0
@@ -402,10 +402,19 @@ def test_resume_refuses_other_data_and_another_rank_count(tmp_path):
         dist.destroy_process_group()
 
 
-def test_resume_against_another_tracking_store_logs_to_a_new_run(tiny_dataset, tmp_path):
+def test_resume_against_another_tracking_store_logs_to_a_new_run(tiny_dataset, tmp_path,
+                                                                 monkeypatch):
     """The checkpoint's MLflow run is not in this store: training goes on in a new run that
     names the old one, instead of dying on "run not found"."""
     import mlflow
+    import mlflow.tracking.fluent
+
+    # the Tracker sets this process's active experiment (an id in this test's store): put
+    # it back afterwards, as a training rank's process would simply exit
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id",
+                        mlflow.tracking.fluent._active_experiment_id)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")  # set_experiment also exports it: undone
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
 
     from clipgs.data.shards import read_manifest
     from clipgs.train.trainer import Tracker

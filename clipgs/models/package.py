@@ -148,12 +148,18 @@ def resolve(uri: str) -> Path:
     raise ConfigError(f"{uri}: not a model folder, runs:/ or models:/ URI")
 
 
+def package_model_config(meta: dict) -> ModelConfig:
+    """The architecture a package holds. ``init_from`` (where training started) plays no part
+    once trained: dropped, so that a package stays loadable whatever the checks on it."""
+    return ModelConfig(**{**meta["model"], "init_from": None})
+
+
 def _read_meta(path: Path) -> dict:
     try:
         meta = json.loads((path / META).read_text())
         if not isinstance(meta, dict):
             raise ValueError(f"a JSON {type(meta).__name__}, not an object")
-        ModelConfig(**meta["model"])
+        package_model_config(meta)
         int(meta["embed_dim"]), int(meta["points"])
         return meta
     except ValidationError as exc:
@@ -172,7 +178,7 @@ def load_package(uri: str) -> ModelPackage:
     if not (path / META).exists() or not (path / WEIGHTS).exists():
         raise ConfigError(f"{path}: expected {META} and {WEIGHTS} (a `clipgs train` output)")
     meta = _read_meta(path)
-    encoder = GSEncoder(ModelConfig(**meta["model"]), meta["embed_dim"])
+    encoder = GSEncoder(package_model_config(meta), meta["embed_dim"])
     try:
         state = load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError) as exc:

@@ -124,6 +124,8 @@ def run(config: TrainConfig) -> dict:
         checkpoint.clear(ckpt_dir, rank, dist_info.local_rank, config.checkpoint_mirror)
         if is_main:  # nor is the earlier run's model left to look like this run's
             shutil.rmtree(out_dir / "package", ignore_errors=True)
+    if marker is not None:  # DeepSpeed restores the iteration, not the LR it caches: refresh
+        scheduler.step(scheduler.last_batch_iteration)
     if marker is None:
         torch.manual_seed(config.seed + 1 + rank)  # per-rank draws (random views, dropout)
         # DeepSpeed's WarmupCosineLR starts at iteration -1 (LR 0) and steps after each update,
@@ -391,7 +393,10 @@ def main(argv: list[str] | None = None) -> int:
         # a rank was seen to abort ("terminate called without an active exception") after
         # a run had finished, failing the job
         if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+            try:
+                torch.distributed.destroy_process_group()
+            except Exception as exc:  # noqa: BLE001 - never mask the run's own error
+                log.warning("destroying the process group: %s", exc)
     return 0
 
 
