@@ -304,14 +304,23 @@ def read_gaussians(data: bytes, path: str, mesh_samples: int = 10_000, seed: int
     return _guarded(data, path, mesh_samples, seed)
 
 
+def too_large(path: str, nbytes: int, limit: int | None = None) -> GaussianFormatError | None:
+    """``CLIPGS_MAX_FILE_MB``, the memory guard of every reader: the error for a file of
+    ``nbytes`` over ``limit`` (default MAX_FILE_BYTES), else None."""
+    limit = MAX_FILE_BYTES if limit is None else limit
+    if nbytes <= limit:
+        return None
+    return GaussianFormatError(path, f"{nbytes:,} bytes, over the limit of {limit:,} "
+                               "(CLIPGS_MAX_FILE_MB)")
+
+
 def check_file_size(path: str) -> None:
-    """``CLIPGS_MAX_FILE_MB``: a larger file is refused before it is read."""
+    """A file over the guard is refused before it is read (one stat, or one HEAD in S3)."""
     from clipgs.data.storage import size
 
-    nbytes = size(path)
-    if nbytes > MAX_FILE_BYTES:
-        raise GaussianFormatError(path, f"{nbytes:,} bytes, over the limit of "
-                                  f"{MAX_FILE_BYTES:,} (CLIPGS_MAX_FILE_MB)")
+    error = too_large(path, size(path))
+    if error:
+        raise error
 
 
 def read_file_bytes(path: str) -> bytes:

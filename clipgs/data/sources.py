@@ -30,7 +30,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from clipgs.data.formats import FORMATS, GAUSSIAN_SUFFIXES, MAX_FILE_BYTES, read_gaussians
+from clipgs.data.formats import (FORMATS, GAUSSIAN_SUFFIXES, MAX_FILE_BYTES, read_gaussians,
+                                  too_large)
 from clipgs.data.gaussians import GaussianCloud
 from clipgs.data.storage import is_s3, list_stats, read_bytes
 from clipgs.errors import GaussianFormatError, StorageError
@@ -169,9 +170,9 @@ def _object_assets(stats: dict[str, tuple[int, str]], root: str, mesh_samples: i
                  ) -> GaussianCloud:
             if "_error" in meta:
                 raise GaussianFormatError(url, meta["_error"])
-            if size > MAX_FILE_BYTES:  # refused before a byte is read (memory guard)
-                raise GaussianFormatError(url, f"{size:,} bytes, over the limit of "
-                                          f"{MAX_FILE_BYTES:,} (CLIPGS_MAX_FILE_MB)")
+            error = too_large(url, size, MAX_FILE_BYTES)  # before a byte is read
+            if error:
+                raise error
             return read_gaussians(read_bytes(url), url, mesh_samples=mesh_samples, seed=seed)
 
         assets.append(Asset(key=key, source=f, caption=caption, split=split, load=load,
@@ -254,13 +255,18 @@ def _grid_prefix(url: str, root: str) -> str:
                                        else posixpath.basename(url))[0])
 
 
-def _unreadable_grids(url: str, root: str, error: GaussianFormatError) -> list[Asset]:
-    """A grid file that cannot be used at all: one rejected asset that says why."""
+def _rejected(key: str, source: str, split: str, error: GaussianFormatError) -> Asset:
+    """An asset known bad before loading: ingestion rejects it with ``error``."""
     def load() -> GaussianCloud:
         raise error
 
+    return Asset(key=key, source=source, caption="", split=split, load=load)
+
+
+def _unreadable_grids(url: str, root: str, error: GaussianFormatError) -> list[Asset]:
+    """A grid file that cannot be used at all: one rejected asset that says why."""
     key = _grid_prefix(url, root)
-    return [Asset(key=key, source=url, caption="", split=hashed_split(key), load=load)]
+    return [_rejected(key, url, hashed_split(key), error)]
 
 
 def _grid_arrays(url: str) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -319,12 +325,7 @@ def _grid_assets(url: str, root: str, limit: int | None) -> list[Asset]:
                 error = GaussianFormatError(where, f"label {int(y[i])}; expected 0.."
                                             f"{len(classes) - 1} ({len(classes)} classes)",
                                             field=f"y_{split}[{i}]")
-
-                def load(error=error) -> GaussianCloud:
-                    raise error
-
-                assets.append(Asset(key=f"{prefix}_{split}_{i:05d}", source=where,
-                                    caption="", split=split, load=load))
+                assets.append(_rejected(f"{prefix}_{split}_{i:05d}", where, split, error))
                 continue
             label = classes[int(y[i])]
 
@@ -348,12 +349,8 @@ def discover(source: str, limit: int | None = None, mesh_samples: int = 10_000) 
     assets = _object_assets(stats, root, mesh_samples)
     for f in files:
         if f.lower().endswith(".npz"):
-            if stats[f][0] > MAX_FILE_BYTES:  # the memory guard of every other file
-                grids = _unreadable_grids(f, root, GaussianFormatError(
-                    f, f"{stats[f][0]:,} bytes, over the limit of {MAX_FILE_BYTES:,} "
-                    "(CLIPGS_MAX_FILE_MB)"))
-            else:
-                grids = _grid_assets(f, root, limit)
+            error = too_large(f, stats[f][0], MAX_FILE_BYTES)
+            grids = _unreadable_grids(f, root, error) if error else _grid_assets(f, root, limit)
             for a in grids:
                 a.version = _version(stats, [f])
             assets += grids
