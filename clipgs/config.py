@@ -9,7 +9,8 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from clipgs.errors import ConfigError
 from clipgs.models.teacher import TeacherConfig
@@ -28,6 +29,9 @@ class IngestConfig(_Strict):
                                    "MB (10^6 bytes) instead of shard_size objects; an object "
                                    "larger than that gets a shard of its own")
     limit: int | None = Field(None, gt=0, description="per split of each grid dataset")
+    up: Literal["auto", "+x", "-x", "+y", "-y", "+z", "-z"] = Field(
+        "auto", description="the objects' up axis, which rendered views are taken around "
+        "(auto: +y for glTF and OBJ, -y for .splat, +z for the rest); a sidecar's \"up\" wins")
     seed: int = 0
     # on 2 cores the CPU teacher needs both (measured: one worker made it 0.73x as fast); with
     # more cores, or the teacher on a GPU, workers keep the teacher fed
@@ -36,6 +40,13 @@ class IngestConfig(_Strict):
         "render (0: inline); the teacher runs in the main process meanwhile")
     multipart_mb: int = Field(64, ge=5, description="S3 shards above this size upload in parts")
     teacher: TeacherConfig = TeacherConfig()
+
+    @field_validator("up", mode="before")
+    @classmethod
+    def _axis(cls, value):  # "y", "-Y" as a sidecar's up field takes them
+        from clipgs.data.axes import parse_up
+
+        return value if value == "auto" else parse_up(value) or value
 
 
 # Uni3D's point encoders (baaivision/Uni3D scripts: --pc-model, --pc-feat-dim 192..1408,

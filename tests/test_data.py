@@ -122,6 +122,32 @@ def test_large_splats_cover_at_clip_resolution():
     np.testing.assert_array_equal(small, render(splats, camera, 64, max_radius=4).numpy())
 
 
+def test_views_ring_the_objects_up_axis():
+    """A rod along the object's up axis, red at its top and blue at its bottom, stands upright
+    in every view, red above blue, whichever of the six axes is up; a -y-up object (the shared
+    .splat files) seen with +z cameras lies on its side instead."""
+    from clipgs.data.axes import UP_AXES
+
+    t = np.linspace(-0.45, 0.45, 400)
+    for up in UP_AXES:
+        axis = np.zeros(3, np.float32)
+        axis["xyz".index(up[1])] = 1.0 if up[0] == "+" else -1.0
+        rod = np.zeros((len(t), 14), np.float32)
+        rod[:, :3] = t[:, None] * axis
+        rod[:, 3:6] = np.where(t[:, None] > 0, [0.9, 0.0, 0.0], [0.0, 0.0, 0.9])
+        rod[:, 6], rod[:, 7:10], rod[:, 10] = 0.95, 0.01, 1.0
+        for camera in ring_cameras(4, up=up):
+            image = render(rod, camera, 64).numpy()
+            red = (image[..., 0] > 0.6) & (image[..., 2] < 0.4)
+            blue = (image[..., 2] > 0.6) & (image[..., 0] < 0.4)
+            rows, cols = np.nonzero(red | blue)
+            assert np.ptp(rows) > 5 * (np.ptp(cols) + 1), (up, np.ptp(rows), np.ptp(cols))
+            assert np.nonzero(red)[0].mean() < np.nonzero(blue)[0].mean(), up  # red on top
+        if up == "-y":
+            rows, cols = np.nonzero(render(rod, ring_cameras(4)[0], 64).numpy().mean(2) < 0.9)
+            assert np.ptp(cols) > np.ptp(rows)  # +z cameras: on its side
+
+
 def test_thumbnails_with_transparency_or_16_bit_grey():
     from PIL import Image
 

@@ -209,7 +209,8 @@ def test_render_cli_refuses_bad_arguments_in_one_line(shared_data, tmp_path, cap
     src = str(shared_data / "gaussians/splatapult_test.ply")
     for args, words in ((["--view", "7"], "--view 7 of --views 4"),
                         (["--views", "0"], "--views 0"), (["--size", "0"], "--size 0"),
-                        (["--out", str(tmp_path / "no" / "v.png")], "no folder")):
+                        (["--out", str(tmp_path / "no" / "v.png")], "no folder"),
+                        (["--up=sideways"], "--up sideways: expected auto or one of +x")):
         out = args[1] if args[0] == "--out" else str(tmp_path / "v.png")
         rest = [a for a in args if a not in ("--out", out)] if args[0] == "--out" else args
         assert main(["render", src, "--out", out, *rest]) == 2
@@ -223,6 +224,13 @@ def test_render_cli_refuses_bad_arguments_in_one_line(shared_data, tmp_path, cap
     assert main(["render", src, "--out", str(tmp_path / "link.png"), "--size", "32"]) == 0
     assert (tmp_path / "link.png").is_symlink()
     assert (tmp_path / "target.png").read_bytes()[:4] == b"\x89PNG"
+    # a .splat is -y-up: auto renders it as --up=-y does, not as +z
+    cow = str(shared_data / "splats/spot/spot_10k.splat")
+    for name, up in (("auto", []), ("y", ["--up=-y"]), ("z", ["--up", "+z"])):
+        assert main(["render", cow, "--out", str(tmp_path / f"{name}.png"), "--size", "32", *up]
+                    ) == 0
+    image = {n: (tmp_path / f"{n}.png").read_bytes() for n in ("auto", "y", "z")}
+    assert image["auto"] == image["y"] != image["z"]
 
 
 def test_truncated_splat_and_unknown_suffix(shared_data):

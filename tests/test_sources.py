@@ -163,7 +163,7 @@ def test_bad_sidecars_and_oversized_files_reject_only_their_object(tmp_path, mon
     from clipgs.data import sources
 
     src = tmp_path / "assets"
-    for name in ("good", "listmeta", "badjson", "huge", "badtags", "nulltags"):
+    for name in ("good", "listmeta", "badjson", "huge", "badtags", "nulltags", "badup"):
         (src / name).mkdir(parents=True)
         (src / name / f"{name}.obj").write_text(_box((9, 9, 9)).export(file_type="obj"))
     (src / "good" / "thumb.png").write_bytes(b"not a png")  # a broken view: rendered instead
@@ -171,6 +171,7 @@ def test_bad_sidecars_and_oversized_files_reject_only_their_object(tmp_path, mon
     (src / "badjson" / "meta.json").write_text("{title:")
     (src / "badtags" / "meta.json").write_text('{"title": "a box", "tags": 5}')
     (src / "nulltags" / "meta.json").write_text('{"title": "a box", "tags": null}')
+    (src / "badup" / "meta.json").write_text('{"title": "a box", "up": "sideways"}')
     (src / "huge" / "huge.obj").write_text("v 0 0 0\n" * 5000)
     monkeypatch.setattr(sources, "MAX_FILE_BYTES", 20_000)
     assets = {a.key: a for a in discover(str(src), mesh_samples=200)}
@@ -180,8 +181,9 @@ def test_bad_sidecars_and_oversized_files_reject_only_their_object(tmp_path, mon
             asset.load()
         except GaussianFormatError as err:
             errors[key] = str(err)
-    assert set(errors) == {"listmeta", "badjson", "huge", "badtags"}
+    assert set(errors) == {"listmeta", "badjson", "huge", "badtags", "badup"}
     assert "field 'tags' is 5; expected a list of strings" in errors["badtags"]
+    assert 'field \'up\' is "sideways"; expected one of +x, -x' in errors["badup"]
     assert assets["nulltags"].caption == "a box"
     assert "a JSON list; expected an object" in errors["listmeta"]
     assert "not valid JSON" in errors["badjson"] and "over the limit" in errors["huge"]
@@ -309,3 +311,60 @@ def test_empty_occupancy_grid_names_its_array():
     with pytest.raises(GaussianFormatError) as err:
         voxels_to_gaussians(np.zeros((4, 4, 4), int), "m.npz#train/7", "X_train[7]")
     assert str(err.value).startswith("m.npz#train/7: field 'X_train[7]': empty occupancy grid")
+
+
+def test_up_axis_from_sidecar_config_or_format(shared_data, tmp_path, teacher):
+    """Views ring the object's up axis: a sidecar's "up" first, then the ingest's ``up``, and
+    with ``auto`` the format's convention (glTF and OBJ +y, .splat -y, the rest +z). A re-run with
+    another axis redoes the shards whose objects it turns and only those; a shard of +z objects
+    keeps the plan hash it had before the axis existed, so old datasets are not redone."""
+    from clipgs.data.ingest import _plan_hash, object_up
+    from clipgs.data.sources import Asset
+
+    src = tmp_path / "assets"
+    (src / "spot").mkdir(parents=True)
+    (src / "spot" / "spot_10k.splat").write_bytes(
+        (shared_data / "splats" / "spot" / "spot_10k.splat").read_bytes())
+    (src / "tile").mkdir()
+    (src / "tile" / "tile.ply").write_bytes(
+        (shared_data / "gaussians" / "gs3d_lod5_tile.ply").read_bytes())
+    (src / "ball.glb").write_bytes(_textured_sphere((20, 200, 40)).export(file_type="glb"))
+    (src / "box.obj").write_text(_box((9, 9, 9)).export(file_type="obj"))
+    (src / "box.json").write_text(json.dumps({"title": "a box", "up": "Z"}))
+    (src / "plate.stl").write_bytes(_box().export(file_type="stl"))
+    (src / "rod.obj").write_text(_box().export(file_type="obj"))
+    assets = {a.key: a for a in discover(str(src), mesh_samples=256)}
+    auto, flat = IngestConfig(), IngestConfig(up="x")
+    assert flat.up == "+x" and assets["box"].up == "+z"
+    assert {k: object_up(a, auto) for k, a in assets.items()} == {
+        "spot": "-y", "tile": "+z", "ball": "+y", "box": "+z", "plate": "+z", "rod": "+y"}
+    assert {k: object_up(a, flat) for k, a in assets.items()} == {
+        "spot": "+x", "tile": "+x", "ball": "+x", "box": "+z", "plate": "+x", "rod": "+x"}
+    # recorded by the code before the up axis: a +z object's shard is not redone
+    old = Asset(key="gaussians_donut", source="x/donut.ply", caption="", split="train",
+                load=lambda: None)
+    assert _plan_hash(IngestConfig(points=256, views=2, shard_size=1), "0" * 64, [old]) == (
+        "269871e40f7631ebcc95781d34c91f00957b928172037f5894adacd80e19e53c")
+
+    for name in ("ball.glb", "box.obj", "box.json", "plate.stl", "rod.obj"):
+        (src / name).unlink()
+    out = str(tmp_path / "shards")
+    runs = {}
+    for up in ("auto", "-y", "auto"):  # spot is -y all along; the tile turns and turns back
+        result = ingest(str(src), out, IngestConfig(points=128, views=2, shard_size=1, up=up),
+                        teacher=teacher)
+        runs.setdefault(up, []).append((result.written_shards, result.skipped_shards))
+        assert result.manifest["rejected"] == 0
+    assert runs == {"auto": [(2, 0), (1, 1)], "-y": [(1, 1)]}
+    samples = {s["key"]: s for s in shards.iterate(
+        sorted(str(p) for p in (tmp_path / "shards").glob("*.tar")))}
+    # both views of each (no thumbnails here) are rendered around the object's axis
+    from clipgs.data.views import render_views
+
+    for key, up in (("spot", "-y"), ("tile", "+z")):
+        s = samples[key]
+        k, size = s["views"].shape[:2]
+        right, wrong = (np.abs(s["views"].astype(float) - np.stack(
+            render_views(s["gaussians"], k, size, up=axis))).mean()
+            for axis in (up, "+x" if up == "+z" else "+z"))
+        assert right == 0 and wrong > 1, (key, right, wrong)

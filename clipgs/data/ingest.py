@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from clipgs.config import IngestConfig
 from clipgs.data import shards, storage
+from clipgs.data.axes import format_up
 from clipgs.data.gaussians import resample
 from clipgs.data.sources import Asset, discover
 from clipgs.data.views import load_image, render_views
@@ -45,13 +46,27 @@ class IngestResult:
     rejects: list[dict]
 
 
-def _plan_hash(config: IngestConfig, teacher_sha: str, keys: list[str]) -> str:
+def object_up(asset: Asset, config: IngestConfig) -> str:
+    """The axis an object's views are rendered around: its sidecar's, else the ingest's (auto:
+    its format's convention)."""
+    if asset.up:
+        return asset.up
+    return format_up(asset.source) if config.up == "auto" else config.up
+
+
+def _plan_hash(config: IngestConfig, teacher_sha: str, items: list[Asset]) -> str:
     # what changes a shard's content: not how many processes made it, nor how it was uploaded
     # (nor shard_mb: which objects a shard holds is in its keys)
     spec = {"config": config.model_dump(mode="json", exclude={"limit", "workers", "multipart_mb",
-                                                              "shard_mb"}),
+                                                              "shard_mb", "up"}),
             "teacher": teacher_sha,
-            "keys": keys, "format_version": shards.FORMAT_VERSION}
+            "keys": [a.key for a in items], "format_version": shards.FORMAT_VERSION}
+    # the up axis of each object rendered around another than +z; a shard of +z objects keeps
+    # the hash it had before the up axis existed (its views are the same)
+    ups = {a.key: object_up(a, config) for a in items}
+    ups = {k: u for k, u in ups.items() if u != "+z"}
+    if ups:
+        spec["up"] = ups
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -95,7 +110,8 @@ def make_triplet(asset: Asset, config: IngestConfig, image_size: int,
     views = views[: config.views]
     if len(views) < config.views:
         with clock("render"):
-            views += render_views(points, config.views - len(views), image_size)
+            views += render_views(points, config.views - len(views), image_size,
+                                  up=object_up(asset, config))
     return points, np.stack(views)
 
 
@@ -267,7 +283,7 @@ def ingest(source: str, output: str, config: IngestConfig | None = None,
     records: dict[str, dict] = {}
     todo = []
     for split, name, items in plan:  # finished shards (record matches the plan) are skipped
-        plan_hash = _plan_hash(config, identity["sha256"], [a.key for a in items])
+        plan_hash = _plan_hash(config, identity["sha256"], items)
         # and the same versions of their files: an object fixed or changed in place (same
         # key) redoes its shard; a record from before versions were kept is taken as is
         versions = {a.key: a.version for a in items}

@@ -30,6 +30,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from clipgs.data.axes import UP_AXES, parse_up
 from clipgs.data.formats import (FORMATS, GAUSSIAN_SUFFIXES, MAX_FILE_BYTES, read_gaussians,
                                   too_large)
 from clipgs.data.gaussians import GaussianCloud
@@ -55,6 +56,7 @@ class Asset:
     image_urls: list[str] = field(default_factory=list)
     # changes when any file the object is made from does (a re-run then redoes its shard)
     version: str = ""
+    up: str | None = None  # its sidecar's "up" axis, if it has one (else the ingest's ``up``)
 
 
 def _version(stats: dict[str, tuple[int, str]], urls: list[str | None]) -> str:
@@ -124,6 +126,9 @@ def _meta(url: str | None, fetched: dict) -> dict:
                                                for t in tags):
         return {"_error": f"{url}: field 'tags' is {json.dumps(tags)[:60]}; expected a list "
                           "of strings"}
+    if "up" in meta and parse_up(meta["up"]) is None:
+        return {"_error": f"{url}: field 'up' is {json.dumps(meta['up'])[:60]}; expected one "
+                          f"of {', '.join(UP_AXES)} (the object's up axis)"}
     return meta
 
 
@@ -178,7 +183,8 @@ def _object_assets(stats: dict[str, tuple[int, str]], root: str, mesh_samples: i
         assets.append(Asset(key=key, source=f, caption=caption, split=split, load=load,
                             label=str(label) if label is not None else None,
                             image_urls=images,
-                            version=_version(stats, [f, meta_url, txt, *images])))
+                            version=_version(stats, [f, meta_url, txt, *images]),
+                            up=parse_up(meta["up"]) if "up" in meta else None))
     return assets
 
 

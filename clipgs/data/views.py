@@ -17,11 +17,32 @@ import numpy as np
 import torch
 from PIL import Image
 
+from clipgs.data.axes import UP_AXES, parse_up
 from clipgs.data.gaussians import SLICES
 
 
-def ring_cameras(k: int, elevation_deg: float = 20.0, offset_deg: float = 30.0) -> torch.Tensor:
-    """[k, 3, 3] world-to-camera rotations for k cameras evenly spaced in azimuth."""
+def up_rotation(up: str) -> torch.Tensor:
+    """[3, 3] proper rotation taking the axis ``up`` (one of ``UP_AXES``) to world +z, by the
+    shortest turn (a half-turn about x for -z)."""
+    axis = parse_up(up)
+    if axis is None:
+        raise ValueError(f"up axis {up!r}; expected one of {', '.join(UP_AXES)}")
+    a = torch.zeros(3)
+    a["xyz".index(axis[1])] = 1.0 if axis[0] == "+" else -1.0
+    z = torch.tensor([0.0, 0.0, 1.0])
+    if torch.equal(a, z):
+        return torch.eye(3)
+    if torch.equal(a, -z):
+        return torch.diag(torch.tensor([1.0, -1.0, -1.0]))
+    k = torch.linalg.cross(a, z)  # unit: a is orthogonal to z here; turn by 90 degrees about k
+    kx = torch.tensor([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return torch.eye(3) + kx + kx @ kx
+
+
+def ring_cameras(k: int, elevation_deg: float = 20.0, offset_deg: float = 30.0,
+                 up: str = "+z") -> torch.Tensor:
+    """[k, 3, 3] object-to-camera rotations for k cameras evenly spaced in azimuth around the
+    object's ``up`` axis, looking 20 degrees down at it."""
     out = []
     el = math.radians(elevation_deg)
     for i in range(k):
@@ -32,7 +53,7 @@ def ring_cameras(k: int, elevation_deg: float = 20.0, offset_deg: float = 30.0) 
                            [0, math.sin(el), math.cos(el)]], dtype=torch.float32)
         # camera looks along +y after rotation; image x = world x, image up = world z
         out.append(rx @ rz)
-    return torch.stack(out)
+    return torch.stack(out) @ up_rotation(up)
 
 
 def quaternion_matrix(q: torch.Tensor) -> torch.Tensor:
@@ -162,9 +183,9 @@ def render_gsplat(points: np.ndarray, cameras: torch.Tensor, size: int,
     return colours.clamp(0, 1).cpu()
 
 
-def render_views(points: np.ndarray, k: int, size: int) -> list[np.ndarray]:
-    """K views on a ring, as uint8 [size, size, 3] arrays."""
-    cameras = ring_cameras(k)
+def render_views(points: np.ndarray, k: int, size: int, up: str = "+z") -> list[np.ndarray]:
+    """K views on a ring around the object's ``up`` axis, as uint8 [size, size, 3] arrays."""
+    cameras = ring_cameras(k, up=up)
     if gsplat_available():
         return list((render_gsplat(points, cameras, size) * 255).round().byte().numpy())
     with single_thread():
