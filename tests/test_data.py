@@ -2,6 +2,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from clipgs.config import IngestConfig
@@ -9,6 +10,7 @@ from clipgs.data import shards, storage
 from clipgs.data.ingest import ingest
 from clipgs.data.sources import discover, voxels_to_gaussians
 from clipgs.data.views import render, ring_cameras
+from clipgs.errors import StorageError
 
 
 def test_discover_real_data(shared_data):
@@ -289,7 +291,7 @@ def test_teacher_is_deterministic_and_semantic(teacher):
     assert img.shape == (2, e.shape[1]) and np.allclose(np.linalg.norm(img, axis=1), 1, atol=1e-4)
 
 
-def test_ingest_from_and_to_s3(shared_data, s3_server, teacher):
+def test_ingest_from_and_to_s3(shared_data, s3_server, teacher, monkeypatch):
     for name in ("torus", "ring"):
         for f in (shared_data / "splats" / name).iterdir():
             storage.write_bytes(f"{s3_server}/assets/{name}/{f.name}", f.read_bytes())
@@ -303,6 +305,24 @@ def test_ingest_from_and_to_s3(shared_data, s3_server, teacher):
     assert keys == ["ring", "torus"]
     again = ingest(f"{s3_server}/assets", f"{s3_server}/shards", config, teacher=teacher)
     assert again.written_shards == 0
+
+    # a role without s3:ListBucket (the listing is refused; injected, as moto does not enforce
+    # policies): each shard is checked with a HEAD of its own, and a bad one is still named
+    def denied(url):
+        raise StorageError(f"{url}: AccessDenied (ListObjectsV2)")
+
+    monkeypatch.setattr(shards.storage, "list_sizes", denied)
+    out = f"{s3_server}/shards"
+    split = next(s for s in ("train", "test") if manifest["splits"][s]["count"])
+    shards.check_shards(out, manifest, split)
+    url = shards.shard_urls(out, manifest, split)[0]
+    data = storage.read_bytes(url)
+    storage.write_bytes(url, data[:-512])
+    with pytest.raises(StorageError, match=f"{len(data) - 512} bytes; the manifest records"):
+        shards.check_shards(out, manifest, split)
+    storage.remove(url)
+    with pytest.raises(StorageError, match="missing; the manifest lists it"):
+        shards.check_shards(out, manifest, split)
 
 
 def test_a_worker_killed_mid_object_rejects_that_object_only(shared_data):

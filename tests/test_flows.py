@@ -252,3 +252,51 @@ def test_stage_ledger_resumes_only_unfinished_retrains(tmp_path):
     (tmp_path / "stages.json").write_text("[1, 2]")
     with pytest.raises(StorageError, match="not a stage ledger"):
         StageLedger(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_register_retried_after_its_version_exists_makes_no_duplicate(
+        tiny_dataset, tmp_path, monkeypatch, harness):
+    """The connection drops after MLflow made the version, before its challenger alias was
+    set: Prefect retries the register task, and the retry finishes that version instead of
+    registering the run a second time. Other serving limits are another version."""
+    import mlflow
+    from prefect import flow
+
+    from clipgs.config import ModelConfig
+    from clipgs.models.package import init_package
+    from clipgs.registry.registry import log_package_run, register
+    from clipgs.registry.serving import ServingLimits
+    from flows.stages import register_task
+
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    package = init_package(tmp_path / "pkg", str(tiny_dataset), ModelConfig(depth=1, width=48))
+    run_id = log_package_run(str(package), uri)
+    calls = []
+    alias = mlflow.MlflowClient.set_registered_model_alias
+
+    def drops_once(self, *args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return alias(self, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_registered_model_alias", drops_once)
+
+    @flow
+    def register_once() -> str:
+        return register_task(run_id, uri, "clipgs")
+
+    version = register_once()
+    (run,) = [r for r in _task_runs("register") if r.flow_run_id and r.state.is_completed()]
+    assert run.run_count == 2 and len(calls) == 2  # failed once, retried
+    client = mlflow.MlflowClient(uri)
+    versions = client.search_model_versions("name = 'clipgs'")
+    assert [str(v.version) for v in versions] == [version]  # one version of the run
+    mv = client.get_model_version_by_alias("clipgs", "challenger")
+    assert str(mv.version) == version and mv.tags["clipgs.training_run_id"] == run_id
+    assert mv.description.startswith(f"CLIP-GS encoder from run {run_id}")
+    other = register(run_id, uri, "clipgs", ServingLimits(max_rows=7))
+    assert other != version and register(run_id, uri, "clipgs") == version
+    assert len(client.search_model_versions("name = 'clipgs'")) == 2

@@ -104,8 +104,14 @@ def test_gate_keeps_champion_unless_strictly_better(pipeline_run):
     root, db, summary, *_ = pipeline_run
     mlflow.set_tracking_uri(db)
     client = mlflow.MlflowClient()
+    from clipgs.registry.serving import ServingLimits
+
     before = client.get_model_version_by_alias("clipgs", "champion").version
-    v2 = register(summary["training_run_id"], db)  # same weights: equal, so not better
+    # the same run again is the same version (a retried register makes no duplicate) ...
+    assert register(summary["training_run_id"], db) == str(before)
+    # ... under other serving limits a new one, with the same weights: equal, so not better
+    v2 = register(summary["training_run_id"], db, limits=ServingLimits(max_rows=32))
+    assert v2 != str(before)
     assert str(client.get_model_version_by_alias("clipgs", "challenger").version) == v2
     with pytest.raises(ConfigError, match="gate metric 'no_such_metric'"):
         promote("clipgs", str(root / "work" / "shards"), db,

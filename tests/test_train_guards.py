@@ -48,6 +48,15 @@ def test_preflight_mistakes_are_one_line_before_any_rank_starts(tiny_dataset, tm
     with pytest.raises(StorageError, match="gone.pt: cannot read"):
         preflight(load_config(TrainConfig, None, uni3d + [f"output_dir={tmp_path}/new"]))
     assert preflight(load_config(TrainConfig, None, uni3d + [f"output_dir={out}"]))[1] == 6
+    # a truncated training shard is named before any rank starts
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dataset, broken)
+    shard = sorted(broken.glob("train-*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:-1024])
+    with pytest.raises(StorageError, match=f"{shard.name}: .* bytes; the manifest records"):
+        preflight(load_config(TrainConfig, None, [f"data={broken}", f"output_dir={out}"]))
 
 
 def test_resume_refuses_other_data_and_another_rank_count(tmp_path):

@@ -84,7 +84,9 @@ def log_package_run(package_dir: str, tracking_uri: str, experiment: str = "clip
 
 def register(run_id: str, tracking_uri: str, name: str = "clipgs", limits=None) -> str:
     """Log the run's model package as a pyfunc model (from code, weights in safetensors),
-    register it with lineage tags, alias it challenger. Returns the version."""
+    register it with lineage tags, alias it challenger. Returns the version. Idempotent: a
+    run already registered with the same serving limits gets its version back (finished, and
+    aliased challenger again), not a duplicate."""
     import mlflow
 
     from clipgs.models.package import load_package
@@ -100,6 +102,61 @@ def register(run_id: str, tracking_uri: str, name: str = "clipgs", limits=None) 
                           f"{tracking_uri} ({exc.message.splitlines()[0]})") from None
     package = load_package(package_dir)
     limits = limits or ServingLimits()
+    version = _version_of_run(client, name, run_id, limits)
+    if version is None:
+        version = _log_and_register(run_id, name, package, package_dir, limits)
+    else:  # a retry after a transient error, or the same run registered again
+        log.info("run %s is already %s version %s: finishing that registration", run_id,
+                 name, version)
+    lineage = {"clipgs.training_run_id": run_id,
+               "clipgs.git_commit": run.data.tags.get("clipgs.git_commit") or git_commit(),
+               "clipgs.registered_git_commit": git_commit(),
+               "clipgs.dataset_manifest_sha256": package.meta["dataset_manifest_sha256"],
+               "clipgs.teacher_sha256": package.meta["teacher"]["sha256"]}
+    mv = client.get_model_version(name, version)
+    # what an earlier attempt already wrote stays (a promotion's description among it)
+    for k, v in lineage.items():
+        if k not in mv.tags:
+            client.set_model_version_tag(name, version, k, v)
+    if not mv.description:
+        client.update_model_version(name, version, description=(
+            f"CLIP-GS encoder from run {run_id} (commit {lineage['clipgs.git_commit'][:12]}), "
+            f"trained on dataset sha256 {lineage['clipgs.dataset_manifest_sha256'][:16]}."))
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    log.info("registered %s version %s (alias %s) from run %s", name, version, CHALLENGER, run_id)
+    return version
+
+
+def _version_of_run(client, name: str, run_id: str, limits) -> str | None:
+    """The version an earlier ``register`` of this run with the same serving limits made, if
+    any: a register retried after a transient error (once the version existed) finishes that
+    version instead of making a duplicate of it."""
+    import mlflow
+    from mlflow.pyfunc import MODEL_CONFIG  # where log_model(model_config=...) is kept
+
+    if "'" in name:  # not expressible in MLflow's filter; a duplicate is the worst case
+        return None
+    try:
+        found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    wanted = json.loads(json.dumps(limits.model_dump()))
+    for mv in sorted(found, key=lambda m: int(m.version), reverse=True):
+        if mv.status != "READY":
+            continue
+        try:
+            info = mlflow.models.get_model_info(f"models:/{name}/{mv.version}")
+        except mlflow.exceptions.MlflowException:  # its artifacts are gone: not reusable
+            continue
+        if info.flavors.get("python_function", {}).get(MODEL_CONFIG) == wanted:
+            return str(mv.version)
+    return None
+
+
+def _log_and_register(run_id: str, name: str, package, package_dir: str, limits) -> str:
+    """Log the package as a pyfunc model of ``run_id`` and register it: the new version."""
+    import mlflow
+
     with tempfile.TemporaryDirectory() as tmp:
         # the config and the teacher's identity as artifacts of their own, for people and
         # tools that look at the model without loading it
@@ -115,20 +172,7 @@ def register(run_id: str, tracking_uri: str, name: str = "clipgs", limits=None) 
                 input_example=input_example(),
                 model_config=limits.model_dump(), pip_requirements=_requirements(),
                 registered_model_name=name)
-    version = str(info.registered_model_version)
-    lineage = {"clipgs.training_run_id": run_id,
-               "clipgs.git_commit": run.data.tags.get("clipgs.git_commit") or git_commit(),
-               "clipgs.registered_git_commit": git_commit(),
-               "clipgs.dataset_manifest_sha256": package.meta["dataset_manifest_sha256"],
-               "clipgs.teacher_sha256": package.meta["teacher"]["sha256"]}
-    for k, v in lineage.items():
-        client.set_model_version_tag(name, version, k, v)
-    client.update_model_version(name, version, description=(
-        f"CLIP-GS encoder from run {run_id} (commit {lineage['clipgs.git_commit'][:12]}), "
-        f"trained on dataset sha256 {lineage['clipgs.dataset_manifest_sha256'][:16]}."))
-    client.set_registered_model_alias(name, CHALLENGER, version)
-    log.info("registered %s version %s (alias %s) from run %s", name, version, CHALLENGER, run_id)
-    return version
+    return str(info.registered_model_version)
 
 
 def _requirements() -> list[str]:

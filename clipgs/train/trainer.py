@@ -24,7 +24,7 @@ import torch.nn as nn
 from clipgs.config import TrainConfig, flatten, load_config, to_yaml
 from clipgs.data import storage
 from clipgs.data.loader import group_on_device, train_loader
-from clipgs.data.shards import (manifest_checksum, read_manifest, shard_urls,
+from clipgs.data.shards import (check_shards, manifest_checksum, read_manifest, shard_urls,
                                 training_data_identity)
 from clipgs.errors import ClipgsError, ConfigError, StorageError
 from clipgs.models.encoder import build_encoder
@@ -62,7 +62,7 @@ class TrainModule(nn.Module):
 def preflight(config: TrainConfig) -> tuple[dict, int]:
     """The checks that need no ranks, made before any are started (``clipgs train`` runs them
     in its own process, so a mistake is one line, not a traceback from every rank): the output
-    folder, the dataset's manifest and training shards, the embedding width against the
+    folder, the dataset's manifest and training shards (there, whole), the embedding width against the
     teacher's, ``stop_at`` against the newest checkpoint, the Uni3D checkpoint of a run that
     starts. Returns the manifest and the newest checkpoint's step (0: none)."""
     if storage.is_s3(config.output_dir):
@@ -71,6 +71,7 @@ def preflight(config: TrainConfig) -> tuple[dict, int]:
     manifest = read_manifest(config.data)
     if not shard_urls(config.data, manifest, "train"):
         raise StorageError(f"{config.data}: no training shards in the manifest")
+    check_shards(config.data, manifest, "train")  # a missing or truncated shard, named
     if config.model.embed_dim and config.model.embed_dim != manifest["embed_dim"]:
         raise ConfigError(f"model.embed_dim={config.model.embed_dim}: the shards' teacher "
                           f"embeds in {manifest['embed_dim']} dimensions, and the 3D embedding "
