@@ -222,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--views", type=int, default=4)
     s.add_argument("--view", type=int, default=0)
     s.add_argument("--up", default="auto", help="the object's up axis: +x, -x, +y, -y, +z, -z "
-                   "(auto: +y for glTF and OBJ, -y for .splat, +z for the rest); write --up=-y, as "
-                   "argparse takes a bare -y for an option")
+                   "(auto: the format's, +y for glTF, .spz and OBJ, -y for .splat, +z for the "
+                   "rest; a sidecar's \"up\" is not read here); write --up=-y, as argparse "
+                   "takes a bare -y for an option")
     s = add("ingest", cmd_ingest, "assets (folder or s3://) to webdataset shards + manifest",
             overrides=True, positionals=(("source", "assets: a folder, file or s3:// prefix"),
                                          ("output", "shards: a folder or s3:// prefix")))

@@ -31,7 +31,8 @@ class IngestConfig(_Strict):
     limit: int | None = Field(None, gt=0, description="per split of each grid dataset")
     up: Literal["auto", "+x", "-x", "+y", "-y", "+z", "-z"] = Field(
         "auto", description="the objects' up axis, which rendered views are taken around "
-        "(auto: +y for glTF and OBJ, -y for .splat, +z for the rest); a sidecar's \"up\" wins")
+        "(auto: +y for glTF, .spz and OBJ, -y for .splat, +z for the rest); a sidecar's "
+        "\"up\" wins")
     seed: int = 0
     # on 2 cores the CPU teacher needs both (measured: one worker made it 0.73x as fast); with
     # more cores, or the teacher on a GPU, workers keep the teacher fed

@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from clipgs.config import PipelineConfig, load_config, to_yaml
+from clipgs.config import IngestConfig, PipelineConfig, load_config, to_yaml
 from clipgs.data import storage
 from clipgs.errors import ConfigError
 from flows.kube import KubeTrainConfig
@@ -28,6 +28,14 @@ from flows.stages import (champion_after, evaluate_flow, generate_task, ingest_f
                           tracking, train_flow)
 
 ARTIFACT_KEY = "clipgs-retrain"
+
+
+def ingest_inputs(source: str, output: str, config: IngestConfig) -> dict:
+    """The ingest stage's ledger inputs. ``up`` is left out at its default, as before it
+    existed: an interrupted retrain resumes across that upgrade (the next retrain ingests
+    again, and redoes the shards whose views it turns)."""
+    return {"source": source, "output": output, "config": config.model_dump(
+        mode="json", exclude={"up"} if config.up == "auto" else set())}
 
 
 @flow(name="clipgs-retrain")
@@ -67,8 +75,7 @@ def retrain_flow(config: PipelineConfig = PipelineConfig(), tracking_uri: str | 
         source = stage("generate", {"out": out, "per_class": cfg.primitives_per_class},
                        lambda: generate_task(out, cfg.primitives_per_class))
     shards = storage.join(cfg.workdir, "shards")
-    ingested = stage("ingest", {"source": source, "output": shards,
-                                "config": cfg.ingest.model_dump(mode="json")},
+    ingested = stage("ingest", ingest_inputs(source, shards, cfg.ingest),
                      lambda: ingest_flow(source, shards, cfg.ingest))
     logger.info("ingested: %s", ingested)
 

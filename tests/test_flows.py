@@ -252,6 +252,16 @@ def test_stage_ledger_resumes_only_unfinished_retrains(tmp_path):
     (tmp_path / "stages.json").write_text("[1, 2]")
     with pytest.raises(StorageError, match="not a stage ledger"):
         StageLedger(str(tmp_path))
+    # the ingest key of a default config is the one made before `up` existed (recorded from
+    # that code), so a retrain interrupted across the upgrade resumes; another axis is new
+    from flows.pipeline import ingest_inputs
+
+    def ingest_key(**fields):
+        return stage_key("ingest", ingest_inputs("s3://a/assets", "s3://a/shards",
+                                                 IngestConfig(workers=0, **fields)))
+
+    assert ingest_key() == "c1949d8ee54abf03"
+    assert ingest_key(up="-y") != ingest_key() != ingest_key(points=512)
 
 
 @pytest.mark.slow
@@ -259,7 +269,8 @@ def test_register_retried_after_its_version_exists_makes_no_duplicate(
         tiny_dataset, tmp_path, monkeypatch, harness):
     """The connection drops after MLflow made the version, before its challenger alias was
     set: Prefect retries the register task, and the retry finishes that version instead of
-    registering the run a second time. Other serving limits are another version."""
+    registering the run a second time. Other serving limits, code or requirements are another
+    version."""
     import mlflow
     from prefect import flow
 
@@ -299,4 +310,11 @@ def test_register_retried_after_its_version_exists_makes_no_duplicate(
     assert mv.description.startswith(f"CLIP-GS encoder from run {run_id}")
     other = register(run_id, uri, "clipgs", ServingLimits(max_rows=7))
     assert other != version and register(run_id, uri, "clipgs") == version
-    assert len(client.search_model_versions("name = 'clipgs'")) == 2
+    # after an upgrade (other pinned requirements, or other clipgs code) the run is registered
+    # anew, so its model is logged with the code and requirements it will be served with
+    from clipgs.registry import registry
+
+    monkeypatch.setattr(registry, "_requirements", lambda: ["torch==2.14.1", "numpy==9.9"])
+    upgraded = register(run_id, uri, "clipgs")
+    assert upgraded not in (version, other)
+    assert len(client.search_model_versions("name = 'clipgs'")) == 3

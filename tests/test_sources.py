@@ -335,6 +335,10 @@ def test_up_axis_from_sidecar_config_or_format(shared_data, tmp_path, teacher):
     (src / "rod.obj").write_text(_box().export(file_type="obj"))
     assets = {a.key: a for a in discover(str(src), mesh_samples=256)}
     auto, flat = IngestConfig(), IngestConfig(up="x")
+    from clipgs.data.axes import format_up
+
+    assert [format_up(p) for p in ("s3://b/scan.spz", "b.GLB", "c/d.splat", "e.ply",
+                                   "f/modelnet10.npz#train/5")] == ["+y", "+y", "-y", "+z", "+z"]
     assert flat.up == "+x" and assets["box"].up == "+z"
     assert {k: object_up(a, auto) for k, a in assets.items()} == {
         "spot": "-y", "tile": "+z", "ball": "+y", "box": "+z", "plate": "+z", "rod": "+y"}

@@ -6,11 +6,12 @@ from __future__ import annotations
 import posixpath
 
 # ``auto`` takes the convention of the file's format where one exists: glTF is
-# +y up by its specification and OBJ by custom (ShapeNet; Blender's and 3ds Max's exporters),
-# antimatter15's .splat -y up (its viewer's camera; the shared .splat objects are); everything
-# else (.ply, .stl, .off, .xyz, ModelNet grids) +z.
+# +y up by its specification, Niantic's .spz by its (RUB: right, up, back; our reader does not
+# convert it) and OBJ by custom (ShapeNet; Blender's and 3ds Max's exporters), antimatter15's
+# .splat -y up (its viewer's camera; the shared .splat objects are); everything else (.ply,
+# .stl, .off, .xyz, ModelNet grids) +z.
 UP_AXES = ("+x", "-x", "+y", "-y", "+z", "-z")
-FORMAT_UP = {".gltf": "+y", ".glb": "+y", ".obj": "+y", ".splat": "-y"}
+FORMAT_UP = {".gltf": "+y", ".glb": "+y", ".spz": "+y", ".obj": "+y", ".splat": "-y"}
 
 
 def parse_up(value: object) -> str | None:

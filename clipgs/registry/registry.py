@@ -24,6 +24,7 @@ from clipgs.tracking import git_commit, setup_mlflow
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+REGISTER_KEY = "clipgs_register_key"  # in the model's metadata: see _register_key
 PROMOTION_TAG, PREVIOUS_TAG, ROLLBACK_TAG = ("clipgs.promotion", "clipgs.previous_champion",
                                              "clipgs.rollback")
 
@@ -85,8 +86,8 @@ def log_package_run(package_dir: str, tracking_uri: str, experiment: str = "clip
 def register(run_id: str, tracking_uri: str, name: str = "clipgs", limits=None) -> str:
     """Log the run's model package as a pyfunc model (from code, weights in safetensors),
     register it with lineage tags, alias it challenger. Returns the version. Idempotent: a
-    run already registered with the same serving limits gets its version back (finished, and
-    aliased challenger again), not a duplicate."""
+    run already registered with the same serving limits, code and requirements gets its
+    version back (finished, and aliased challenger again), not a duplicate."""
     import mlflow
 
     from clipgs.models.package import load_package
@@ -127,12 +128,24 @@ def register(run_id: str, tracking_uri: str, name: str = "clipgs", limits=None) 
     return version
 
 
+def _register_key(limits) -> str:
+    """What a registered version is made of besides the run's package: the serving limits,
+    the clipgs code it is logged with (``code_paths``) and the pinned requirements."""
+    code = hashlib.sha256()
+    root = Path(__file__).parents[1]
+    for f in sorted(root.rglob("*.py")):
+        code.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    spec = {"limits": limits.model_dump(mode="json"), "code": code.hexdigest(),
+            "requirements": _requirements()}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
 def _version_of_run(client, name: str, run_id: str, limits) -> str | None:
-    """The version an earlier ``register`` of this run with the same serving limits made, if
+    """The version an earlier ``register`` of this run made with the same serving limits and
+    the same clipgs code and requirements (``_register_key``, kept in the model's metadata), if
     any: a register retried after a transient error (once the version existed) finishes that
-    version instead of making a duplicate of it."""
+    version instead of making a duplicate; a register after an upgrade makes a new one."""
     import mlflow
-    from mlflow.pyfunc import MODEL_CONFIG  # where log_model(model_config=...) is kept
 
     if "'" in name:  # not expressible in MLflow's filter; a duplicate is the worst case
         return None
@@ -140,7 +153,7 @@ def _version_of_run(client, name: str, run_id: str, limits) -> str | None:
         found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     except mlflow.exceptions.MlflowException:
         return None
-    wanted = json.loads(json.dumps(limits.model_dump()))
+    wanted = _register_key(limits)
     for mv in sorted(found, key=lambda m: int(m.version), reverse=True):
         if mv.status != "READY":
             continue
@@ -148,7 +161,7 @@ def _version_of_run(client, name: str, run_id: str, limits) -> str | None:
             info = mlflow.models.get_model_info(f"models:/{name}/{mv.version}")
         except mlflow.exceptions.MlflowException:  # its artifacts are gone: not reusable
             continue
-        if info.flavors.get("python_function", {}).get(MODEL_CONFIG) == wanted:
+        if (info.metadata or {}).get(REGISTER_KEY) == wanted:
             return str(mv.version)
     return None
 
@@ -171,7 +184,7 @@ def _log_and_register(run_id: str, name: str, package, package_dir: str, limits)
                 code_paths=[str(Path(__file__).parents[1])], signature=signature(),
                 input_example=input_example(),
                 model_config=limits.model_dump(), pip_requirements=_requirements(),
-                registered_model_name=name)
+                metadata={REGISTER_KEY: _register_key(limits)}, registered_model_name=name)
     return str(info.registered_model_version)
 
 
