@@ -38,9 +38,11 @@ class StageLedger:
                                    "start the retrain from scratch") from None
         self.resuming = bool(self.stages)
 
-    def finished(self, stage: str, key: str) -> dict | None:
+    def finished(self, stage: str, key: str, *older: str) -> dict | None:
+        """The stage's output if it finished with these inputs: under ``key``, or under a key
+        an older clipgs gave the same inputs (``older``)."""
         entry = self.stages.get(stage)
-        return entry["output"] if entry and entry["key"] == key else None
+        return entry["output"] if entry and entry["key"] in (key, *older) else None
 
     def record(self, stage: str, key: str, output: Any, flow_run: str | None) -> None:
         self.stages[stage] = {"key": key, "output": output, "flow_run": flow_run}

@@ -30,12 +30,19 @@ from flows.stages import (champion_after, evaluate_flow, generate_task, ingest_f
 ARTIFACT_KEY = "clipgs-retrain"
 
 
-def ingest_inputs(source: str, output: str, config: IngestConfig) -> dict:
-    """The ingest stage's ledger inputs. ``up`` is left out at its default, as before it
-    existed: an interrupted retrain resumes across that upgrade (the next retrain ingests
-    again, and redoes the shards whose views it turns)."""
-    return {"source": source, "output": output, "config": config.model_dump(
-        mode="json", exclude={"up"} if config.up == "auto" else set())}
+def ingest_keys(source: str, output: str, config: IngestConfig) -> tuple[str, ...]:
+    """The ingest stage's ledger key, then the key an older clipgs gave the same inputs. The
+    key leaves out what does not change the shards: ``workers`` (its default follows the
+    machine's cores, so a flow-run pod on another node would have re-ingested, changed the
+    manifest and restarted an interrupted training from scratch) and ``multipart_mb``. The older
+    key (workers included, ``up`` absent) still finds a retrain interrupted before the upgrade;
+    it exists only at ``up=auto``, the axis older code rendered around."""
+    def key(exclude: set[str]) -> str:
+        return stage_key("ingest", {"source": source, "output": output,
+                                    "config": config.model_dump(mode="json", exclude=exclude)})
+
+    new = key({"workers", "multipart_mb"})
+    return (new, key({"up"})) if config.up == "auto" else (new,)
 
 
 @flow(name="clipgs-retrain")
@@ -52,9 +59,10 @@ def retrain_flow(config: PipelineConfig = PipelineConfig(), tracking_uri: str | 
     ran: list[str] = []
     skipped: list[str] = []
 
-    def stage(name: str, inputs: dict, run: Callable[[], Any]) -> Any:
-        key = stage_key(name, inputs)
-        done = ledger.finished(name, key)
+    def stage(name: str, inputs: dict | tuple[str, ...], run: Callable[[], Any]) -> Any:
+        keys = inputs if isinstance(inputs, tuple) else (stage_key(name, inputs),)
+        key = keys[0]
+        done = ledger.finished(name, *keys)
         if done is not None:
             logger.info("stage %s finished in an earlier run (%s): skipped", name, ledger.url)
             skipped.append(name)
@@ -75,7 +83,7 @@ def retrain_flow(config: PipelineConfig = PipelineConfig(), tracking_uri: str | 
         source = stage("generate", {"out": out, "per_class": cfg.primitives_per_class},
                        lambda: generate_task(out, cfg.primitives_per_class))
     shards = storage.join(cfg.workdir, "shards")
-    ingested = stage("ingest", ingest_inputs(source, shards, cfg.ingest),
+    ingested = stage("ingest", ingest_keys(source, shards, cfg.ingest),
                      lambda: ingest_flow(source, shards, cfg.ingest))
     logger.info("ingested: %s", ingested)
 

@@ -252,16 +252,22 @@ def test_stage_ledger_resumes_only_unfinished_retrains(tmp_path):
     (tmp_path / "stages.json").write_text("[1, 2]")
     with pytest.raises(StorageError, match="not a stage ledger"):
         StageLedger(str(tmp_path))
-    # the ingest key of a default config is the one made before `up` existed (recorded from
-    # that code), so a retrain interrupted across the upgrade resumes; another axis is new
-    from flows.pipeline import ingest_inputs
+    # the ingest key leaves out what does not change the shards (workers follows the cores);
+    # a ledger written by the code before (workers in, no `up`; recorded from it) still
+    # resumes at up=auto, the axis that code rendered around; another axis is new
+    from flows.pipeline import ingest_keys
 
-    def ingest_key(**fields):
-        return stage_key("ingest", ingest_inputs("s3://a/assets", "s3://a/shards",
-                                                 IngestConfig(workers=0, **fields)))
+    def keys(**fields):
+        return ingest_keys("s3://a/assets", "s3://a/shards", IngestConfig(**fields))
 
-    assert ingest_key() == "c1949d8ee54abf03"
-    assert ingest_key(up="-y") != ingest_key() != ingest_key(points=512)
+    assert keys(workers=0)[0] == keys(workers=5, multipart_mb=128)[0] != keys(points=512)[0]
+    assert keys(workers=0)[1] == "c1949d8ee54abf03"
+    assert len(keys(up="-y")) == 1 and keys(up="-y")[0] != keys()[0]
+    old = StageLedger(str(tmp_path / "upgraded"))
+    old.record("ingest", "c1949d8ee54abf03", {"train": 24}, "run-1")
+    assert StageLedger(str(tmp_path / "upgraded")).finished("ingest", *keys(workers=0)) == {
+        "train": 24}
+    assert StageLedger(str(tmp_path / "upgraded")).finished("ingest", *keys(workers=3)) is None
 
 
 @pytest.mark.slow
