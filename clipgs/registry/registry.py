@@ -103,9 +103,10 @@ def register(run_id: str, tracking_uri: str, name: str = "clipgs", limits=None) 
                           f"{tracking_uri} ({exc.message.splitlines()[0]})") from None
     package = load_package(package_dir)
     limits = limits or ServingLimits()
-    version = _version_of_run(client, name, run_id, limits)
+    key = _register_key(limits)  # hashes the code: once a register
+    version = _version_of_run(client, name, run_id, key)
     if version is None:
-        version = _log_and_register(run_id, name, package, package_dir, limits)
+        version = _log_and_register(run_id, name, package, package_dir, limits, key)
     else:  # a retry after a transient error, or the same run registered again
         log.info("run %s is already %s version %s: finishing that registration", run_id,
                  name, version)
@@ -140,7 +141,7 @@ def _register_key(limits) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def _version_of_run(client, name: str, run_id: str, limits) -> str | None:
+def _version_of_run(client, name: str, run_id: str, key: str) -> str | None:
     """The version an earlier ``register`` of this run made with the same serving limits and
     the same clipgs code and requirements (``_register_key``, kept in the model's metadata), if
     any: a register retried after a transient error (once the version existed) finishes that
@@ -153,7 +154,6 @@ def _version_of_run(client, name: str, run_id: str, limits) -> str | None:
         found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     except mlflow.exceptions.MlflowException:
         return None
-    wanted = _register_key(limits)
     for mv in sorted(found, key=lambda m: int(m.version), reverse=True):
         if mv.status != "READY":
             continue
@@ -161,12 +161,13 @@ def _version_of_run(client, name: str, run_id: str, limits) -> str | None:
             info = mlflow.models.get_model_info(f"models:/{name}/{mv.version}")
         except mlflow.exceptions.MlflowException:  # its artifacts are gone: not reusable
             continue
-        if (info.metadata or {}).get(REGISTER_KEY) == wanted:
+        if (info.metadata or {}).get(REGISTER_KEY) == key:
             return str(mv.version)
     return None
 
 
-def _log_and_register(run_id: str, name: str, package, package_dir: str, limits) -> str:
+def _log_and_register(run_id: str, name: str, package, package_dir: str, limits,
+                      key: str) -> str:
     """Log the package as a pyfunc model of ``run_id`` and register it: the new version."""
     import mlflow
 
@@ -184,7 +185,7 @@ def _log_and_register(run_id: str, name: str, package, package_dir: str, limits)
                 code_paths=[str(Path(__file__).parents[1])], signature=signature(),
                 input_example=input_example(),
                 model_config=limits.model_dump(), pip_requirements=_requirements(),
-                metadata={REGISTER_KEY: _register_key(limits)}, registered_model_name=name)
+                metadata={REGISTER_KEY: key}, registered_model_name=name)
     return str(info.registered_model_version)
 
 

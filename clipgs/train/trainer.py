@@ -62,9 +62,9 @@ class TrainModule(nn.Module):
 def preflight(config: TrainConfig) -> tuple[dict, int]:
     """The checks that need no ranks, made before any are started (``clipgs train`` runs them
     in its own process, so a mistake is one line, not a traceback from every rank): the output
-    folder, the dataset's manifest and training shards (there, whole), the embedding width against the
-    teacher's, ``stop_at`` against the newest checkpoint, the Uni3D checkpoint of a run that
-    starts. Returns the manifest and the newest checkpoint's step (0: none)."""
+    folder, the dataset's manifest and training shards (there, whole), the embedding width
+    against the teacher's, ``stop_at`` against the newest checkpoint, the Uni3D checkpoint of a
+    run that starts. Returns the manifest and the newest checkpoint's step (0: none)."""
     if storage.is_s3(config.output_dir):
         raise ConfigError(f"output_dir={config.output_dir!r}: checkpoints are written to local "
                           "disk first; give a local folder and checkpoint_mirror=s3://...")
