@@ -215,6 +215,75 @@ def test_deepspeed_files_load_weights_only(tmp_path):
         load_weights_only(str(tag / "model.pt"))
 
 
+def _on_rank0_worker(rank: int, init: str, out: str) -> None:
+    """One of two gloo ranks: on_rank0 with a check that passes, then one that fails."""
+    import json
+
+    import torch.distributed as dist
+
+    from clipgs.errors import StorageError
+    from clipgs.train.distributed import DistInfo, on_rank0
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    info = DistInfo(rank, 2, rank, torch.device("cpu"), "gloo")
+    calls = Path(out) / f"calls-{rank}"
+
+    def check():
+        calls.write_text("called")
+        return {"splits": {"train": {"shards": [{"name": "train-000000.tar"}]}}}, 6
+
+    def failing():
+        raise StorageError("s3://b/d/train-000001.tar: missing; the manifest lists it")
+
+    got = on_rank0(check, info, from_json=tuple)
+    try:
+        on_rank0(failing, info)
+        error = None
+    except Exception as exc:  # noqa: BLE001 - the test looks at which
+        error = f"{type(exc).__name__}: {exc}"
+    (Path(out) / f"rank-{rank}.json").write_text(json.dumps({"got": got, "error": error}))
+    dist.destroy_process_group()
+
+
+def test_preflight_under_a_launcher_is_made_by_rank_0_and_told_to_the_others(tmp_path):
+    """Ranks started by torchrun or a Kubernetes Job check the shards once (on rank 0), not
+    once a rank; rank 0's result reaches every rank, and so does its error - as one line that
+    names the shard, not a rank left waiting."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_on_rank0_worker, args=(f"file://{tmp_path}/store", str(tmp_path)), nprocs=2)
+    assert (tmp_path / "calls-0").exists() and not (tmp_path / "calls-1").exists()
+    r0, r1 = (json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1))
+    assert r0["got"] == r1["got"] == [{"splits": {"train": {"shards": [
+        {"name": "train-000000.tar"}]}}}, 6]
+    assert r0["error"] == "StorageError: s3://b/d/train-000001.tar: missing; the manifest lists it"
+    assert r1["error"] == ("ClipgsError: rank 0 (StorageError): s3://b/d/train-000001.tar: "
+                           "missing; the manifest lists it")
+
+
+@pytest.mark.slow
+def test_a_truncated_shard_under_torchrun_is_one_line_from_each_rank(tiny_dataset, tmp_path):
+    """Two ranks started by torchrun (no `clipgs train` process before them) on a dataset
+    with a truncated training shard: both exit with the shard named, neither hangs."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dataset, broken)
+    shard = sorted(broken.glob("train-*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:-1024])
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={free_port()}", "-m", "clipgs.train.trainer", f"data={broken}",
+         f"output_dir={tmp_path}/train", *TINY], env=_env(), capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    assert f"rank 0: error: {shard}: " in log and "bytes; the manifest records" in log, log
+    assert f"rank 1: error: rank 0 (StorageError): {shard}: " in log, log
+
+
 @pytest.mark.slow
 def test_resume_refuses_a_tampered_checkpoint_without_running_it(tiny_dataset, tmp_path):
     """A checkpoint fetched from the mirror is only as trusted as the bucket: a model-states

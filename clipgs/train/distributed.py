@@ -42,3 +42,44 @@ def setup() -> DistInfo:
 
     deepspeed.init_distributed(dist_backend=backend)
     return DistInfo(rank, world, local, device, backend)
+
+
+def on_rank0(fn, dist_info: DistInfo, to_json=lambda r: r, from_json=lambda j: j):
+    """``fn()`` on rank 0 only, its result given to every rank: checks that read shared
+    storage (an S3 listing of every shard, the newest checkpoint) are made once, not once a
+    rank - a thousand ranks listing one bucket at the same moment is a thousand listings.
+
+    The result travels as JSON (``to_json``/``from_json`` convert; nothing is unpickled). An
+    exception on rank 0 is re-raised there; every other rank raises a ``ClipgsError`` with
+    the same message, so no rank waits for a result that never comes."""
+    from clipgs.errors import ClipgsError
+
+    if dist_info.world_size == 1:
+        return fn()
+    import json
+
+    import torch.distributed as dist
+
+    failure = None
+    if dist_info.rank == 0:
+        try:
+            payload = {"ok": to_json(fn())}
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the others hear
+            failure = exc
+            payload = {"error": str(exc), "type": type(exc).__name__}
+        data = json.dumps(payload).encode()
+        size = torch.tensor([len(data)], dtype=torch.int64, device=dist_info.device)
+    else:
+        size = torch.zeros(1, dtype=torch.int64, device=dist_info.device)
+    dist.broadcast(size, src=0)
+    if dist_info.rank == 0:
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dist_info.device)
+    else:
+        buf = torch.empty(int(size.item()), dtype=torch.uint8, device=dist_info.device)
+    dist.broadcast(buf, src=0)
+    if failure is not None:
+        raise failure
+    payload = json.loads(buf.cpu().numpy().tobytes().decode())
+    if "error" in payload:
+        raise ClipgsError(f"rank 0 ({payload['type']}): {payload['error']}")
+    return from_json(payload["ok"])

@@ -64,7 +64,9 @@ def preflight(config: TrainConfig) -> tuple[dict, int]:
     in its own process, so a mistake is one line, not a traceback from every rank): the output
     folder, the dataset's manifest and training shards (there, whole), the embedding width
     against the teacher's, ``stop_at`` against the newest checkpoint, the Uni3D checkpoint of a
-    run that starts. Returns the manifest and the newest checkpoint's step (0: none)."""
+    run that starts. Returns the manifest and the newest checkpoint's step (0: none). Under
+    another launcher (torchrun, a Kubernetes indexed Job) rank 0 makes them and tells the
+    other ranks (``distributed.on_rank0``): one listing of the shards, not one a rank."""
     if storage.is_s3(config.output_dir):
         raise ConfigError(f"output_dir={config.output_dir!r}: checkpoints are written to local "
                           "disk first; give a local folder and checkpoint_mirror=s3://...")
@@ -85,7 +87,7 @@ def preflight(config: TrainConfig) -> tuple[dict, int]:
         raise ConfigError(f"stop_at={config.stop_at}: the run's newest checkpoint is at "
                           f"step {newest} already; give a later stop_at, or none to "
                           "finish the run")
-    if config.model.init_from and not newest:  # read by every rank: missing, say so once
+    if config.model.init_from and not newest:  # read by every rank: missing, say so now
         storage.size(config.model.init_from)
     return manifest, newest
 
@@ -93,8 +95,9 @@ def preflight(config: TrainConfig) -> tuple[dict, int]:
 def run(config: TrainConfig) -> dict:
     import deepspeed
 
-    manifest, newest = preflight(config)
     dist_info = distributed.setup()
+    manifest, newest = distributed.on_rank0(lambda: preflight(config), dist_info,
+                                            from_json=tuple)
     rank, is_main = dist_info.rank, dist_info.is_main
     urls = shard_urls(config.data, manifest, "train")
     out_dir = Path(config.output_dir)
