@@ -16,6 +16,16 @@ from tests.conftest import free_port
 from tests.test_train import TINY, _env
 
 
+def _with_a_truncated_shard(dataset: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of ``dataset`` whose first training shard lost its last KiB: (copy, shard)."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(dataset, broken)
+    shard = sorted(broken.glob("train-*.tar"))[0]
+    shard.write_bytes(shard.read_bytes()[:-1024])
+    return broken, shard
+
 def test_preflight_mistakes_are_one_line_before_any_rank_starts(tiny_dataset, tmp_path, capsys):
     """What needs no ranks is checked in `clipgs train`'s own process: a missing dataset, an
     embedding width other than the teacher's, a stop_at the run has already passed; and
@@ -49,12 +59,7 @@ def test_preflight_mistakes_are_one_line_before_any_rank_starts(tiny_dataset, tm
         preflight(load_config(TrainConfig, None, uni3d + [f"output_dir={tmp_path}/new"]))
     assert preflight(load_config(TrainConfig, None, uni3d + [f"output_dir={out}"]))[1] == 6
     # a truncated training shard is named before any rank starts
-    import shutil
-
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_dataset, broken)
-    shard = sorted(broken.glob("train-*.tar"))[0]
-    shard.write_bytes(shard.read_bytes()[:-1024])
+    broken, shard = _with_a_truncated_shard(tiny_dataset, tmp_path)
     with pytest.raises(StorageError, match=f"{shard.name}: .* bytes; the manifest records"):
         preflight(load_config(TrainConfig, None, [f"data={broken}", f"output_dir={out}"]))
 
@@ -235,7 +240,7 @@ def _on_rank0_worker(rank: int, init: str, out: str) -> None:
     def failing():
         raise StorageError("s3://b/d/train-000001.tar: missing; the manifest lists it")
 
-    got = on_rank0(check, info, from_json=tuple)
+    got = on_rank0(check, info)
     try:
         on_rank0(failing, info)
         error = None
@@ -267,12 +272,7 @@ def test_preflight_under_a_launcher_is_made_by_rank_0_and_told_to_the_others(tmp
 def test_a_truncated_shard_under_torchrun_is_one_line_from_each_rank(tiny_dataset, tmp_path):
     """Two ranks started by torchrun (no `clipgs train` process before them) on a dataset
     with a truncated training shard: both exit with the shard named, neither hangs."""
-    import shutil
-
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_dataset, broken)
-    shard = sorted(broken.glob("train-*.tar"))[0]
-    shard.write_bytes(shard.read_bytes()[:-1024])
+    broken, shard = _with_a_truncated_shard(tiny_dataset, tmp_path)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
          f"--master_port={free_port()}", "-m", "clipgs.train.trainer", f"data={broken}",

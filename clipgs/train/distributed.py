@@ -44,13 +44,13 @@ def setup() -> DistInfo:
     return DistInfo(rank, world, local, device, backend)
 
 
-def on_rank0(fn, dist_info: DistInfo, to_json=lambda r: r, from_json=lambda j: j):
+def on_rank0(fn, dist_info: DistInfo):
     """``fn()`` on rank 0 only, its result given to every rank: checks that read shared
     storage (an S3 listing of every shard, the newest checkpoint) are made once, not once a
     rank - a thousand ranks listing one bucket at the same moment is a thousand listings.
 
-    The result travels as JSON (``to_json``/``from_json`` convert; nothing is unpickled). An
-    exception on rank 0 is re-raised there; every other rank raises a ``ClipgsError`` with
+    The result travels as JSON (nothing is unpickled), so every rank, rank 0 included, gets
+    it as JSON gives it back: a tuple as a list. An exception on rank 0 is re-raised there; every other rank raises a ``ClipgsError`` with
     the same message, so no rank waits for a result that never comes."""
     from clipgs.errors import ClipgsError
 
@@ -63,7 +63,7 @@ def on_rank0(fn, dist_info: DistInfo, to_json=lambda r: r, from_json=lambda j: j
     failure = None
     if dist_info.rank == 0:
         try:
-            payload = {"ok": to_json(fn())}
+            payload = {"ok": fn()}
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the others hear
             failure = exc
             payload = {"error": str(exc), "type": type(exc).__name__}
@@ -82,4 +82,4 @@ def on_rank0(fn, dist_info: DistInfo, to_json=lambda r: r, from_json=lambda j: j
     payload = json.loads(buf.cpu().numpy().tobytes().decode())
     if "error" in payload:
         raise ClipgsError(f"rank 0 ({payload['type']}): {payload['error']}")
-    return from_json(payload["ok"])
+    return payload["ok"]

@@ -87,7 +87,7 @@ def preflight(config: TrainConfig) -> tuple[dict, int]:
         raise ConfigError(f"stop_at={config.stop_at}: the run's newest checkpoint is at "
                           f"step {newest} already; give a later stop_at, or none to "
                           "finish the run")
-    if config.model.init_from and not newest:  # read by every rank: missing, say so now
+    if config.model.init_from and not newest:  # read by every rank: missing, say so once
         storage.size(config.model.init_from)
     return manifest, newest
 
@@ -96,8 +96,7 @@ def run(config: TrainConfig) -> dict:
     import deepspeed
 
     dist_info = distributed.setup()
-    manifest, newest = distributed.on_rank0(lambda: preflight(config), dist_info,
-                                            from_json=tuple)
+    manifest, newest = distributed.on_rank0(lambda: preflight(config), dist_info)
     rank, is_main = dist_info.rank, dist_info.is_main
     urls = shard_urls(config.data, manifest, "train")
     out_dir = Path(config.output_dir)
