@@ -139,6 +139,8 @@ def cmd_promote(args) -> int:
         gate["guard_metrics"] = [g for g in args.guard if g]
     if args.tolerance is not None:
         gate["guard_tolerance"] = args.tolerance
+    if args.allow_rolled_back:
+        gate["allow_rolled_back"] = True
     gate_config = validate(PromoteConfig, gate, "promote gate (--metric, --margin, --guard, "
                            "--tolerance): ")
     decision = promote(args.name, args.data, _tracking(args), gate_config,
@@ -259,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tolerance", type=float, help="how much a guard metric may drop")
     s.add_argument("--rollback", action="store_true",
                    help="put champion back on the version the current champion replaced")
+    s.add_argument("--allow-rolled-back", action="store_true",
+                   help="promote a version --rollback took down (refused otherwise)")
     s = add("embed", cmd_embed, "embeddings of 3DGS files and captions with a model",
             tracking=True)
     s.add_argument("files", nargs="*")

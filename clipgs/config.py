@@ -126,8 +126,8 @@ class ModelConfig(_Strict):
 
 class OptimConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
-    min_lr: float = Field(1e-5, ge=0, description="the cosine schedule's floor; the default "
-                          "becomes lr/100 for an lr below it")
+    min_lr: float = Field(1e-5, ge=0, description="the cosine schedule's floor; left unset, "
+                          "it becomes lr/100 for an lr below it")
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.98)
     warmup_steps: int = Field(20, ge=1, description="linear warm-up updates (DeepSpeed's "
@@ -136,8 +136,8 @@ class OptimConfig(_Strict):
 
     @model_validator(mode="after")
     def _min_lr_below_lr(self):
-        if self.min_lr > self.lr and self.min_lr == OptimConfig.model_fields["min_lr"].default:
-            self.min_lr = self.lr / 100  # a small lr alone still works, as before this check
+        if self.min_lr > self.lr and "min_lr" not in self.model_fields_set:
+            self.min_lr = self.lr / 100  # a small lr alone still works; a floor set is kept
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr={self.min_lr:g} is above lr={self.lr:g}; the cosine "
                              "schedule decays from lr to min_lr")
@@ -256,6 +256,10 @@ class PromoteConfig(_Strict):
     # guards: metrics the challenger may not lose more than `guard_tolerance` on
     guard_metrics: list[str] = ["retrieval_text_to_3d_r1", "retrieval_image_to_3d_r1"]
     guard_tolerance: float = Field(0.05, ge=0)
+    allow_rolled_back: bool = Field(False, description="promote a version that `--rollback` "
+                                    "took down from champion; refused (and not evaluated) "
+                                    "unless set, so a retried pipeline or a re-registered run "
+                                    "does not put it straight back up")
 
 
 class PipelineConfig(_Strict):

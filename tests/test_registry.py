@@ -246,6 +246,18 @@ def run_promotion_story(uri: str, data: str, candidates: dict, capsys) -> None:
     assert main(["promote", "--rollback", *t]) == 2  # v1 was the first champion
     assert "nothing to roll back to" in capsys.readouterr().err
     assert champion(client) == v1
+    # the version taken down stays down when named (a retried pipeline, or its run registered
+    # again, names it): the refusal is recorded, and it is not evaluated
+    kept = clipgs("promote", "--data", data, "--version", v2, *t, *EVAL)
+    assert not kept["promoted"] and kept["metrics"] is None, kept
+    assert kept["reason"].startswith(f"kept the champion v{v1}: v{v2} was rolled back at ")
+    assert "--allow-rolled-back" in kept["reason"] and champion(client) == v1
+    assert "was rolled back at" in client.get_model_version("clipgs", v2).description
+    # put back up on purpose, it is an ordinary champion again (rollback goes to v1)
+    again = clipgs("promote", "--data", data, "--version", v2, "--allow-rolled-back", *t, *EVAL)
+    assert again["promoted"] and "promoted again with allow_rolled_back" in again["reason"]
+    assert champion(client) == v2
+    assert "clipgs.rollback" not in client.get_model_version("clipgs", v2).tags
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ def _with_a_truncated_shard(dataset: Path, tmp_path: Path) -> tuple[Path, Path]:
     shard.write_bytes(shard.read_bytes()[:-1024])
     return broken, shard
 
+
 def test_preflight_mistakes_are_one_line_before_any_rank_starts(tiny_dataset, tmp_path, capsys):
     """What needs no ranks is checked in `clipgs train`'s own process: a missing dataset, an
     embedding width other than the teacher's, a stop_at the run has already passed; and
@@ -52,6 +53,12 @@ def test_preflight_mistakes_are_one_line_before_any_rank_starts(tiny_dataset, tm
 
     # a small lr alone still works: the default floor follows it
     assert load_config(TrainConfig, None, ["optim.lr=5e-6"]).optim.min_lr == pytest.approx(5e-8)
+    # ... while a floor set to the default's value is the user's, and checked
+    with pytest.raises(ConfigError, match="min_lr=1e-05 is above lr=5e-06"):
+        load_config(TrainConfig, None, ["optim.lr=5e-6", "optim.min_lr=1e-5"])
+    # a config that went through JSON (Prefect parameters, a checkpoint's) validates again
+    cfg = load_config(TrainConfig, None, ["optim.lr=5e-6"])
+    assert TrainConfig.model_validate_json(cfg.model_dump_json()) == cfg
     with pytest.raises(ConfigError, match="init_from needs the Uni3D size"):
         load_config(TrainConfig, None, ["model.init_from=uni3d.pt"])
     uni3d = [f"data={tiny_dataset}", "model.size=tiny", f"model.init_from={tmp_path}/gone.pt"]

@@ -6,6 +6,7 @@ evaluation config) and moves ``champion`` only when the challenger beats it on t
 by the configured margin without losing more than a tolerance on the guard metrics. The
 decision and its reason are recorded on the challenger's version (a tag and its description);
 a promoted version remembers the champion it replaced, which is where ``rollback`` goes back.
+A version rolled back is not promoted again unless ``allow_rolled_back`` says so.
 """
 
 from __future__ import annotations
@@ -300,12 +301,16 @@ def promote(name: str, data: str, tracking_uri: str, config: PromoteConfig | Non
     if not version:
         raise ClipgsError(f"model '{name}' has no '{CHALLENGER}' alias; register a model or "
                           "pass --version")
-    _model_version(client, name, version)  # before evaluating: it may not exist
+    mv = _model_version(client, name, version)  # before evaluating: it may not exist
+    champion_version = _alias_version(client, name, CHAMPION)
+    rolled_back = mv.tags.get(ROLLBACK_TAG) if champion_version != version else None
+    if rolled_back and not config.allow_rolled_back:
+        return _refuse_rolled_back(client, name, version, champion_version, data, config,
+                                   json.loads(rolled_back))
     challenger, checksum = _version_metrics(client, name, version, data, eval_config)
     if config.metric not in challenger:
         raise ConfigError(f"gate metric '{config.metric}' is not in the evaluation "
                           f"({sorted(challenger)})")
-    champion_version = _alias_version(client, name, CHAMPION)
     champion = None
     if champion_version == version:
         promoted, reason = False, f"version {version} is already {CHAMPION}"
@@ -317,9 +322,36 @@ def promote(name: str, data: str, tracking_uri: str, config: PromoteConfig | Non
         promoted, why = gate(config, challenger, champion)
         reason = (f"promoted v{version} over v{champion_version}" if promoted else
                   f"kept the champion v{champion_version} over v{version}") + f": {why}"
+    if promoted and rolled_back:
+        reason += " (it had been rolled back; promoted again with allow_rolled_back)"
+    decision = _decide(client, name, version, promoted, reason, champion_version,
+                       config.metric, challenger, champion, checksum)
+    if promoted and rolled_back:  # put back up on purpose: a plain promote may move it again
+        client.delete_model_version_tag(name, version, ROLLBACK_TAG)
+    return decision
+
+
+def _refuse_rolled_back(client, name: str, version: str, champion_version: str | None,
+                        data: str, config: PromoteConfig, rollback: dict) -> dict:
+    """The decision for a version ``rollback`` took down: kept down, without evaluating it."""
+    from clipgs.data.shards import manifest_checksum, read_manifest
+
+    kept = f"kept the {CHAMPION} v{champion_version}" if champion_version else "not promoted"
+    reason = (f"{kept}: v{version} was rolled back at {rollback.get('time', '?')} "
+              f"({rollback.get('reason', '')}); promote it again on purpose with "
+              "--allow-rolled-back (promote.allow_rolled_back=true)")
+    return _decide(client, name, version, False, reason, champion_version, config.metric,
+                   None, None, manifest_checksum(read_manifest(data)))
+
+
+def _decide(client, name: str, version: str, promoted: bool, reason: str,
+            champion_version: str | None, metric: str, metrics: dict | None,
+            champion_metrics: dict | None, checksum: str) -> dict:
+    """Carry out a promotion decision (move ``champion`` if promoted), record it on the
+    version, and return it."""
     decision = {"promoted": promoted, "reason": reason, "version": version,
-                "previous_champion": champion_version, "metric": config.metric,
-                "metrics": challenger, "champion_metrics": champion,
+                "previous_champion": champion_version, "metric": metric,
+                "metrics": metrics, "champion_metrics": champion_metrics,
                 "dataset_manifest_sha256": checksum,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if promoted:
