@@ -104,7 +104,8 @@ def cmd_evaluate(args) -> int:
     result = evaluate(args.model, args.data, config)
     out = {"metrics": result["metrics"], "per_class_accuracy": result["per_class"]}
     if args.run_id or args.log:
-        out["mlflow_run_id"] = log_to_mlflow(result, args.run_id, _tracking(args))
+        out["mlflow_run_id"] = log_to_mlflow(result, args.run_id, _tracking(args),
+                                             experiment=args.experiment)
     print(json.dumps(out))
     return 0
 
@@ -240,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="shard set (folder or s3://)")
     s.add_argument("--run-id", help="log the metrics to this MLflow run")
     s.add_argument("--log", action="store_true", help="log to a new MLflow run")
+    s.add_argument("--experiment", default="clipgs", help="the new run's MLflow experiment")
     s = add("register", cmd_register, "register a training run's model (or a package folder) "
             "as an MLflow pyfunc, alias challenger", tracking=True)
     s.add_argument("--run-id", help="a `clipgs train` run (its 'package' artifact)")

@@ -63,6 +63,19 @@ def setup_mlflow(tracking_uri: str, experiment: str | None = None):
     return mlflow
 
 
+def resume_run(run_id: str, **kwargs):
+    """``mlflow.start_run`` on an existing run, in that run's own experiment. MLflow keeps the
+    active experiment id process-wide (``set_experiment`` also exports it as
+    MLFLOW_EXPERIMENT_ID) and refuses to resume a run of any other experiment, so a process
+    that used another store or experiment before would fail here. New runs are started after
+    ``setup_mlflow`` names their experiment, never in whatever id was left active."""
+    import mlflow
+
+    experiment = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    mlflow.set_experiment(experiment_id=experiment)
+    return mlflow.start_run(run_id=run_id, **kwargs)
+
+
 class BufferedMetrics:
     """Metric logging that never stops or slows training: ``log`` only appends to a bounded
     in-memory queue; a background thread sends the queue in batches (``log_batch``) and, while

@@ -124,3 +124,33 @@ def test_backoff_holds_while_training_logs_and_the_sender_survives_any_error(mon
     assert metrics.flush(10) and metrics._thread.is_alive()
     assert [m.step for m in sent[1:]] == list(range(40))
     assert metrics.close(1)
+
+
+def test_runs_never_land_in_the_experiment_another_store_left_active(tmp_path, monkeypatch):
+    """MLflow keeps the active experiment id process-wide (and exports it): after one store's
+    experiment was set, logging to another store in the same process (a flow, a test, a
+    notebook) must neither refuse a run of another experiment ("active experiment ID does not
+    match") nor put a new run into whatever experiment has that id there."""
+    import mlflow
+    import mlflow.tracking.fluent
+
+    from clipgs.eval.evaluate import log_to_mlflow
+    from clipgs.tracking import setup_mlflow
+
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "")  # set_experiment exports it: undone after
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
+    a, b = f"sqlite:///{tmp_path}/a.db", f"sqlite:///{tmp_path}/b.db"
+    setup_mlflow(a, "experiment-of-a")  # id 1 in store a, now the process's active one
+    client = mlflow.MlflowClient(b)
+    unrelated = client.create_experiment("unrelated")  # id 1 in store b
+    training = client.create_run(client.create_experiment("training")).info.run_id
+    result = {"metrics": {"zeroshot_top1": 0.5}, "per_class": {"chair": 0.5},
+              "dataset_manifest_sha256": "0" * 64, "config": {"plots": False},
+              "confusion": None, "embeddings": None}
+    assert log_to_mlflow(result, training, b) == training  # onto the training run
+    assert client.get_run(training).data.metrics["eval_zeroshot_top1"] == 0.5
+    new = client.get_run(log_to_mlflow(result, None, b))  # a new run: in "clipgs", named
+    assert new.info.experiment_id != unrelated
+    assert client.get_experiment(new.info.experiment_id).name == "clipgs"

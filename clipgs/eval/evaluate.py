@@ -201,19 +201,18 @@ def check_run(run_id: str, tracking_uri: str) -> None:
                           f"{tracking_uri}; expected an active run to log to")
 
 
-def log_to_mlflow(result: dict, run_id: str | None, tracking_uri: str, prefix: str = "eval_"
-                  ) -> str:
+def log_to_mlflow(result: dict, run_id: str | None, tracking_uri: str, prefix: str = "eval_",
+                  experiment: str = "clipgs") -> str:
     """Metrics, per-class accuracy and the plots on the training run (or a new evaluation
-    run); returns the run id."""
+    run in ``experiment``); returns the run id."""
     import matplotlib.pyplot as plt
 
     from clipgs.eval import plots
-    from clipgs.tracking import setup_mlflow
+    from clipgs.tracking import resume_run, setup_mlflow
 
-    mlflow = setup_mlflow(tracking_uri)
+    mlflow = setup_mlflow(tracking_uri, None if run_id else experiment)
     cfg = EvalConfig.model_validate(result.get("config", {}))
-    active = (mlflow.start_run(run_id=run_id) if run_id
-              else mlflow.start_run(run_name="evaluate"))
+    active = resume_run(run_id) if run_id else mlflow.start_run(run_name="evaluate")
     with active as run:
         mlflow.log_metrics({prefix + k: v for k, v in result["metrics"].items()})
         mlflow.log_metrics({f"{prefix}class_acc.{c}": v for c, v in result["per_class"].items()})

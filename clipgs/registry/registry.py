@@ -20,7 +20,7 @@ from pathlib import Path
 
 from clipgs.config import EvalConfig, PromoteConfig
 from clipgs.errors import ClipgsError, ConfigError
-from clipgs.tracking import git_commit, setup_mlflow
+from clipgs.tracking import git_commit, resume_run, setup_mlflow
 
 log = logging.getLogger(__name__)
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -178,7 +178,7 @@ def _log_and_register(run_id: str, name: str, package, package_dir: str, limits,
         (Path(tmp) / "model_config.json").write_text(json.dumps(
             {k: package.meta[k] for k in ("model", "embed_dim", "points")}, indent=1))
         (Path(tmp) / "teacher.json").write_text(json.dumps(package.meta["teacher"], indent=1))
-        with mlflow.start_run(run_id=run_id):
+        with resume_run(run_id):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=str(PYFUNC_CODE),
                 artifacts={"package": package_dir, "config": str(Path(tmp) / "model_config.json"),

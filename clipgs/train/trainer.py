@@ -269,7 +269,8 @@ class Tracker:
 
     def __init__(self, config: TrainConfig, manifest: dict, ds_config: dict, world_size: int,
                  run_id: str | None, start_step: int):
-        from clipgs.tracking import RUN_NAME_TAG, BufferedMetrics, git_commit, setup_mlflow
+        from clipgs.tracking import (RUN_NAME_TAG, BufferedMetrics, git_commit, resume_run,
+                                     setup_mlflow)
 
         self.config = config
         self.mlflow = mlflow = setup_mlflow(config.tracking.tracking_uri,
@@ -281,9 +282,11 @@ class Tracker:
             log.warning("the checkpoint's MLflow run %s is not in %s; logging to a new run",
                         run_id, config.tracking.tracking_uri)
             earlier, run_id = run_id, None
-        active = mlflow.start_run(run_id=run_id, run_name=None if run_id else
-                                  config.tracking.run_name,
-                                  log_system_metrics=config.tracking.system_metrics)
+        # a resumed run goes on in its own experiment (tracking.experiment names new runs')
+        active = (resume_run(run_id, log_system_metrics=config.tracking.system_metrics)
+                  if run_id else
+                  mlflow.start_run(run_name=config.tracking.run_name,
+                                   log_system_metrics=config.tracking.system_metrics))
         if earlier:
             mlflow.set_tag("clipgs.resumed_run_id", earlier)
         self.run_id = active.info.run_id
