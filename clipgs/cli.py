@@ -37,6 +37,7 @@ def cmd_inspect(args) -> int:
 def cmd_render(args) -> int:
     from clipgs.data.formats import load_gaussians
     from clipgs.data.axes import UP_AXES, format_up, parse_up
+    from clipgs.data.sources import sidecar_up
     from clipgs.data.views import render, ring_cameras, to_png
 
     if args.views < 1 or not 0 <= args.view < args.views:
@@ -44,13 +45,16 @@ def cmd_render(args) -> int:
                           "and 0 <= --view < --views")
     if not 8 <= args.size <= 4096:
         raise ClipgsError(f"--size {args.size}: expected 8..4096 pixels")
-    up = format_up(args.file) if args.up == "auto" else parse_up(args.up)
-    if up is None:
+    up, why = (None, None) if args.up == "auto" else (parse_up(args.up), "--up")
+    if args.up != "auto" and up is None:
         raise ClipgsError(f"--up {args.up}: expected auto or one of {', '.join(UP_AXES)}")
     out = Path(args.out)
     if not out.parent.is_dir():
         raise ClipgsError(f"--out {args.out}: no folder {out.parent}")
     points = load_gaussians(args.file).activated()
+    if up is None:  # auto: as ingest renders it, the sidecar's axis, else the format's
+        up, why = sidecar_up(args.file)
+        up, why = (up, why) if up else (format_up(args.file), "its format")
     image = (render(points, ring_cameras(args.views, up=up)[args.view], args.size) * 255).byte()
     png = to_png(image.numpy())
     if out.is_symlink() or (out.exists() and not out.is_file()):  # through a link, to a device
@@ -60,7 +64,7 @@ def cmd_render(args) -> int:
         from clipgs.data.storage import write_bytes
 
         write_bytes(str(out), png)  # whole or not at all
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} (up {up}, from {why})")
     return 0
 
 
@@ -225,9 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--views", type=int, default=4)
     s.add_argument("--view", type=int, default=0)
     s.add_argument("--up", default="auto", help="the object's up axis: +x, -x, +y, -y, +z, -z "
-                   "(auto: the format's, +y for glTF, .spz and OBJ, -y for .splat, +z for the "
-                   "rest; a sidecar's \"up\" is not read here); write --up=-y, as argparse "
-                   "takes a bare -y for an option")
+                   "(auto: as ingest takes it, the sidecar's \"up\", else the format's: +y "
+                   "for glTF, .spz and OBJ, -y for .splat, +z for the rest); write --up=-y, "
+                   "as argparse takes a bare -y for an option")
     s = add("ingest", cmd_ingest, "assets (folder or s3://) to webdataset shards + manifest",
             overrides=True, positionals=(("source", "assets: a folder, file or s3:// prefix"),
                                          ("output", "shards: a folder or s3:// prefix")))

@@ -1,5 +1,6 @@
 import io
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,6 +232,27 @@ def test_render_cli_refuses_bad_arguments_in_one_line(shared_data, tmp_path, cap
                     ) == 0
     image = {n: (tmp_path / f"{n}.png").read_bytes() for n in ("auto", "y", "z")}
     assert image["auto"] == image["y"] != image["z"]
+    # auto reads the axis as ingest does: a sidecar's "up" (<stem>.json, or meta.json beside
+    # an object alone in its folder) before the format's; --up still overrides it
+    for sidecar in ("spot_10k.json", "meta.json"):
+        folder = tmp_path / sidecar.split(".")[0]
+        folder.mkdir()
+        (folder / "spot_10k.splat").write_bytes(Path(cow).read_bytes())
+        (folder / sidecar).write_text('{"title": "a cow", "up": "z"}')
+        capsys.readouterr()
+        assert main(["render", str(folder / "spot_10k.splat"), "--out",
+                     str(folder / "auto.png"), "--size", "32"]) == 0
+        assert f"(up +z, from {folder / sidecar})" in capsys.readouterr().out
+        assert (folder / "auto.png").read_bytes() == image["z"]
+        assert main(["render", str(folder / "spot_10k.splat"), "--out",
+                     str(folder / "y.png"), "--size", "32", "--up=-y"]) == 0
+        assert (folder / "y.png").read_bytes() == image["y"]
+    (tmp_path / "meta" / "meta.json").write_text('{"title": "a cow", "up": "sideways"}')
+    capsys.readouterr()
+    assert main(["render", str(tmp_path / "meta" / "spot_10k.splat"), "--out",
+                 str(tmp_path / "bad.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "meta.json: field 'up' is \"sideways\"" in err, err
 
 
 def test_truncated_splat_and_unknown_suffix(shared_data):

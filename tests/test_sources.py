@@ -287,6 +287,19 @@ def test_keys_are_never_empty_and_bad_grid_files_reject_only_themselves(tmp_path
     assert again.key == "plain_obj"
 
 
+def test_one_file_as_the_source_keeps_its_sidecars(shared_data):
+    """One file given as the source is the same object as in its folder - title, tags,
+    thumbnail as a view - keyed by its file name; its folder's other files are not objects."""
+    folder = shared_data / "splats/cat"
+    (alone,) = discover(str(folder / "cat_10k.splat"))
+    (inside,) = [a for a in discover(str(folder.parent)) if a.key == "cat"]
+    assert alone.key == "cat_10k_splat"
+    assert alone.caption == inside.caption and "tagged animal" in alone.caption
+    assert alone.image_urls == inside.image_urls == [str(folder / "thumb.png")]
+    (donut,) = discover(str(shared_data / "gaussians/donut.ply"))  # three other .ply beside it
+    assert donut.key == "donut_ply" and donut.image_urls == []
+
+
 def test_mesh_resources_stay_beside_the_mesh(tmp_path):
     """A .gltf from an untrusted source cannot make ingestion read files elsewhere (data: URIs
     are decoded by trimesh itself and never reach the resolver)."""

@@ -120,3 +120,35 @@ def test_s3_keys_with_query_and_fragment_characters(s3_server, shared_data):
     assets = discover(f"{s3_server}/odd")
     assert sorted(a.key for a in assets) == ["scan_1", "what"]
     assert all(len(a.load()) == 10_000 for a in assets)
+
+
+def test_one_object_in_s3_is_read_with_its_sidecars(s3_server):
+    """`clipgs render` reads an object's sidecar "up" in S3 as ingest does, from a listing of
+    its own folder only (a `Delimiter` listing: not every key under it); ingesting one S3 object
+    finds it and its sidecars."""
+    from clipgs.data.sources import discover, sidecar_up
+
+    def put(key: str, data: bytes = b"x") -> None:
+        storage.write_bytes(f"{s3_server}/up/{key}", data)
+
+    put("alone/cow.splat")
+    put("alone/meta.json", b'{"title": "a cow", "up": "z"}')
+    put("alone/deeper/other.splat")  # not a sibling: cow.splat is still alone
+    put("pair/a.splat")
+    put("pair/b.splat")
+    put("pair/meta.json", b'{"title": "whose?", "up": "x"}')  # two objects: meta.json is no one's
+    put("pair/b.json", b'{"title": "b", "up": "-x"}')
+    assert set(storage.list_stats(f"{s3_server}/up/alone", recursive=False)) == {
+        f"{s3_server}/up/alone/cow.splat", f"{s3_server}/up/alone/meta.json"}
+    assert sidecar_up(f"{s3_server}/up/alone/cow.splat") == ("+z",
+                                                             f"{s3_server}/up/alone/meta.json")
+    assert sidecar_up(f"{s3_server}/up/pair/a.splat") == (None, None)
+    assert sidecar_up(f"{s3_server}/up/pair/b.splat") == ("-x", f"{s3_server}/up/pair/b.json")
+    # one object given as the source lists itself, as a local file does, with its sidecars
+    # (before, an S3 file listed nothing: "no objects found")
+    (cow,) = discover(f"{s3_server}/up/alone/cow.splat")
+    assert (cow.key, cow.up, cow.caption) == ("cow_splat", "+z", "a cow")
+    (b,) = discover(f"{s3_server}/up/pair/b.splat")
+    assert (b.key, b.up) == ("b_splat", "-x")
+    assert storage.list_stats(f"{s3_server}/up/pair/c.splat") == {}  # neither object nor folder
+

@@ -35,7 +35,7 @@ from clipgs.data.formats import (FORMATS, GAUSSIAN_SUFFIXES, MAX_FILE_BYTES, rea
                                   too_large)
 from clipgs.data.gaussians import GaussianCloud
 from clipgs.data.storage import is_s3, list_stats, read_bytes
-from clipgs.errors import GaussianFormatError, StorageError
+from clipgs.errors import ClipgsError, GaussianFormatError, StorageError
 
 MODELNET10_CLASSES = ("bathtub", "bed", "chair", "desk", "dresser", "monitor", "night_stand",
                       "sofa", "table", "toilet")
@@ -132,8 +132,38 @@ def _meta(url: str | None, fetched: dict) -> dict:
     return meta
 
 
-def _object_assets(stats: dict[str, tuple[int, str]], root: str, mesh_samples: int
-                   ) -> list[Asset]:
+def _sidecars(f: str, siblings: set[str]) -> tuple[bool, str | None, str | None]:
+    """Whether object file ``f`` is the only object among ``siblings`` (the files of its
+    folder), its meta sidecar (``<stem>.json``, else ``meta.json`` when alone) and its caption
+    file (``<stem>.txt``), each None where absent."""
+    folder, name = posixpath.split(f)
+    stem = posixpath.splitext(name)[0]
+    alone = sum(posixpath.splitext(s)[1].lower() in FORMATS for s in siblings) == 1
+    candidates = [posixpath.join(folder, stem + ".json")] + (
+        [posixpath.join(folder, "meta.json")] if alone else [])
+    txt = posixpath.join(folder, stem + ".txt")
+    return (alone, next((c for c in candidates if c in siblings), None),
+            txt if txt in siblings else None)
+
+
+def sidecar_up(url: str) -> tuple[str | None, str | None]:
+    """The up axis an object file's sidecar names, read as ingest reads it (``<stem>.json``,
+    or ``meta.json`` beside an object alone in its folder), and that sidecar: (None, None)
+    without one or without ``"up"``. A sidecar ingest would reject is an error naming it."""
+    url = url if is_s3(url) else os.path.normpath(url)
+    folder = posixpath.dirname(url)
+    siblings = set(list_stats(folder or ".", recursive=False))
+    meta_url = _sidecars(url, siblings | {url})[1]
+    meta = _meta(meta_url, _fetch([meta_url] if meta_url else []))
+    if "_error" in meta:
+        raise ClipgsError(meta["_error"])  # it names the sidecar
+    return (parse_up(meta["up"]), meta_url) if "up" in meta else (None, None)
+
+
+def _object_assets(stats: dict[str, tuple[int, str]], root: str, mesh_samples: int,
+                   only: str | None = None) -> list[Asset]:
+    """The objects among ``stats`` with their sidecars (``only``: that file's object alone,
+    the rest of ``stats`` its folder, where its sidecars are found)."""
     sizes = {url: size for url, (size, _) in stats.items()}
     by_dir: dict[str, list[str]] = defaultdict(list)
     for f in sizes:
@@ -142,16 +172,11 @@ def _object_assets(stats: dict[str, tuple[int, str]], root: str, mesh_samples: i
     for f in sizes:  # pass 1: which sidecars each object has
         folder, name = posixpath.split(f)
         stem, suffix = posixpath.splitext(name)
-        if suffix.lower() not in FORMATS:
+        if suffix.lower() not in FORMATS or only is not None and f != only:
             continue
         siblings = set(by_dir[folder])
-        alone = sum(posixpath.splitext(s)[1].lower() in FORMATS for s in siblings) == 1
-        candidates = [posixpath.join(folder, stem + ".json")] + (
-            [posixpath.join(folder, "meta.json")] if alone else [])
-        meta_url = next((c for c in candidates if c in siblings), None)
-        txt = posixpath.join(folder, stem + ".txt")
-        plan.append((f, folder, name, stem, suffix, siblings, alone, meta_url,
-                     txt if txt in siblings else None))
+        alone, meta_url, txt = _sidecars(f, siblings)
+        plan.append((f, folder, name, stem, suffix, siblings, alone, meta_url, txt))
     fetched = _fetch(sorted({u for p in plan for u in p[7:] if u}))
     assets = []
     for f, folder, name, stem, suffix, siblings, alone, meta_url, txt in plan:  # pass 2
@@ -167,7 +192,7 @@ def _object_assets(stats: dict[str, tuple[int, str]], root: str, mesh_samples: i
         rel = posixpath.relpath(f, root) if f != root else name
         # an object alone in its folder is named by the folder (splats/boat/boat_10k -> boat)
         rel = posixpath.dirname(rel) if alone and posixpath.dirname(rel) else rel
-        key = safe_key(posixpath.splitext(rel)[0] if not alone else rel)
+        key = safe_key(name if only else posixpath.splitext(rel)[0] if not alone else rel)
         split = meta.get("split") if meta.get("split") in ("train", "test") else hashed_split(key)
         label = meta.get("label")
 
@@ -352,7 +377,11 @@ def discover(source: str, limit: int | None = None, mesh_samples: int = 10_000) 
     single = len(files) == 1 and (files[0] == source or not is_s3(source) and
                                   os.path.normpath(files[0]) == os.path.normpath(source))
     root = (posixpath.dirname(files[0]) or ".") if single else source.rstrip("/")
-    assets = _object_assets(stats, root, mesh_samples)
+    if single:  # one file: its object, with the sidecars its folder has for it
+        assets = _object_assets({**list_stats(root, recursive=False), **stats}, root,
+                                mesh_samples, only=files[0])
+    else:
+        assets = _object_assets(stats, root, mesh_samples)
     for f in files:
         if f.lower().endswith(".npz"):
             error = too_large(f, stats[f][0], MAX_FILE_BYTES)

@@ -119,17 +119,21 @@ def exists(url: str) -> bool:
     refusing store is an error, not an answer (ingestion removes a manifest before it rewrites
     shards only if it sees it, so "cannot tell" must not read as "absent")."""
     if is_s3(url):
-        bucket, key = _split(url)
-        try:
-            s3_client().head_object(Bucket=bucket, Key=key)
-            return True
-        except Exception as exc:
-            response = getattr(exc, "response", None) or {}
-            code = str(response.get("Error", {}).get("Code", ""))
-            if code in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise StorageError(f"{url}: cannot tell whether it exists ({exc})") from None
+        return _head(url) is not None
     return _local(url).exists()
+
+
+def _head(url: str) -> dict | None:
+    """An S3 object's HEAD response; None only where the store says "not found"."""
+    bucket, key = _split(url)
+    try:
+        return s3_client().head_object(Bucket=bucket, Key=key)
+    except Exception as exc:
+        response = getattr(exc, "response", None) or {}
+        code = str(response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise StorageError(f"{url}: cannot tell whether it exists ({exc})") from None
 
 
 def size(url: str) -> int:
@@ -143,23 +147,26 @@ def size(url: str) -> int:
         raise StorageError(f"{url}: cannot read ({exc})") from None
 
 
-def list_stats(url: str) -> dict[str, tuple[int, str]]:
-    """Every file under a folder or ``s3://`` prefix -> (size in bytes, version), sorted by
-    URL. The version changes when the file does: its ETag in S3, its modification time (ns)
-    on a local disk."""
+def list_stats(url: str, recursive: bool = True) -> dict[str, tuple[int, str]]:
+    """Every file under a folder or ``s3://`` prefix (``recursive=False``: directly in it) ->
+    (size in bytes, version), sorted by URL. The version changes when the file does: its ETag
+    in S3, its modification time (ns) on a local disk."""
     if is_s3(url):
         bucket, prefix = _split(url)
         prefix = prefix.rstrip("/") + "/" if prefix else ""
         out = {}
         try:
             for page in s3_client().get_paginator("list_objects_v2").paginate(
-                Bucket=bucket, Prefix=prefix
+                Bucket=bucket, Prefix=prefix, **({} if recursive else {"Delimiter": "/"})
             ):
                 out.update({f"s3://{bucket}/{o['Key']}": (int(o["Size"]),
                                                           str(o.get("ETag", "")).strip('"'))
                             for o in page.get("Contents", [])})
         except Exception as exc:
             raise StorageError(f"{url}: cannot list ({exc})") from None
+        head = _head(url) if not out and prefix and not url.endswith("/") else None
+        if head is not None:  # the URL is one object: it lists itself, as a local file does
+            out[url] = (int(head["ContentLength"]), str(head.get("ETag", "")).strip('"'))
         return dict(sorted(out.items()))
     root = _local(url)
 
@@ -171,7 +178,7 @@ def list_stats(url: str) -> dict[str, tuple[int, str]]:
         return {str(root): stat(root)}
     if not root.is_dir():
         raise StorageError(f"{url}: no such file or folder")
-    return {str(p): stat(p) for p in sorted(root.rglob("*"))
+    return {str(p): stat(p) for p in sorted(root.rglob("*") if recursive else root.iterdir())
             if p.is_file() and not p.name.startswith(".")}
 
 

@@ -50,8 +50,9 @@ def on_rank0(fn, dist_info: DistInfo):
     rank - a thousand ranks listing one bucket at the same moment is a thousand listings.
 
     The result travels as JSON (nothing is unpickled), so every rank, rank 0 included, gets
-    it as JSON gives it back: a tuple as a list. An exception on rank 0 is re-raised there; every other rank raises a ``ClipgsError`` with
-    the same message, so no rank waits for a result that never comes."""
+    it as JSON gives it back: a tuple as a list. An exception on rank 0 is re-raised there;
+    every other rank raises a ``ClipgsError`` with the same message, so no rank waits for a
+    result that never comes."""
     from clipgs.errors import ClipgsError
 
     if dist_info.world_size == 1:
