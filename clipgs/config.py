@@ -137,7 +137,9 @@ class OptimConfig(_Strict):
     @model_validator(mode="after")
     def _min_lr_below_lr(self):
         if self.min_lr > self.lr and "min_lr" not in self.model_fields_set:
-            self.min_lr = self.lr / 100  # a small lr alone still works; a floor set is kept
+            # a small lr alone still works; a floor the user set is kept. Written past
+            # validate_assignment, which would count the derived floor as set by the user
+            self.__dict__["min_lr"] = self.lr / 100
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr={self.min_lr:g} is above lr={self.lr:g}; the cosine "
                              "schedule decays from lr to min_lr")

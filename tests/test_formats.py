@@ -244,6 +244,9 @@ def test_render_cli_refuses_bad_arguments_in_one_line(shared_data, tmp_path, cap
                      str(folder / "auto.png"), "--size", "32"]) == 0
         assert f"(up +z, from {folder / sidecar})" in capsys.readouterr().out
         assert (folder / "auto.png").read_bytes() == image["z"]
+        assert main(["render", f"file://{folder}/spot_10k.splat", "--out",
+                     str(folder / "url.png"), "--size", "32"]) == 0  # a file:// URL alike
+        assert (folder / "url.png").read_bytes() == image["z"]
         assert main(["render", str(folder / "spot_10k.splat"), "--out",
                      str(folder / "y.png"), "--size", "32", "--up=-y"]) == 0
         assert (folder / "y.png").read_bytes() == image["y"]

@@ -253,6 +253,9 @@ def run_promotion_story(uri: str, data: str, candidates: dict, capsys) -> None:
     assert kept["reason"].startswith(f"kept the champion v{v1}: v{v2} was rolled back at ")
     assert "--allow-rolled-back" in kept["reason"] and champion(client) == v1
     assert "was rolled back at" in client.get_model_version("clipgs", v2).description
+    client.set_registered_model_alias("clipgs", "challenger", v2)  # as its run registered again
+    assert "was rolled back at" in clipgs("promote", "--data", data, *t, *EVAL)["reason"]
+    assert champion(client) == v1
     # put back up on purpose, it is an ordinary champion again (rollback goes to v1)
     again = clipgs("promote", "--data", data, "--version", v2, "--allow-rolled-back", *t, *EVAL)
     assert again["promoted"] and "promoted again with allow_rolled_back" in again["reason"]

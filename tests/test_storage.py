@@ -151,4 +151,7 @@ def test_one_object_in_s3_is_read_with_its_sidecars(s3_server):
     (b,) = discover(f"{s3_server}/up/pair/b.splat")
     assert (b.key, b.up) == ("b_splat", "-x")
     assert storage.list_stats(f"{s3_server}/up/pair/c.splat") == {}  # neither object nor folder
+    put("both")  # an object and a folder of only folders: listed as the (empty) folder
+    put("both/sub/x.splat")
+    assert storage.list_stats(f"{s3_server}/up/both", recursive=False) == {}
 

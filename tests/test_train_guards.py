@@ -59,6 +59,8 @@ def test_preflight_mistakes_are_one_line_before_any_rank_starts(tiny_dataset, tm
     # a config that went through JSON (Prefect parameters, a checkpoint's) validates again
     cfg = load_config(TrainConfig, None, ["optim.lr=5e-6"])
     assert TrainConfig.model_validate_json(cfg.model_dump_json()) == cfg
+    cfg.optim.lr = 5e-9  # the derived floor is not the user's: it follows a later lr too
+    assert cfg.optim.min_lr == pytest.approx(5e-11)
     with pytest.raises(ConfigError, match="init_from needs the Uni3D size"):
         load_config(TrainConfig, None, ["model.init_from=uni3d.pt"])
     uni3d = [f"data={tiny_dataset}", "model.size=tiny", f"model.init_from={tmp_path}/gone.pt"]
@@ -127,6 +129,15 @@ def test_resume_against_another_tracking_store_logs_to_a_new_run(tiny_dataset, t
         assert run.data.tags["clipgs.run_name"] == "job-2"
     finally:
         tracker.metrics.close()
+        mlflow.end_run()
+    # a run of another experiment (tracking.experiment changed since) goes on where it is
+    client = mlflow.MlflowClient(db)
+    older = client.create_run(client.create_experiment("renamed")).info.run_id
+    same = Tracker(config, read_manifest(str(tiny_dataset)), {}, 1, older, 4)
+    try:
+        assert same.run_id == older
+    finally:
+        same.metrics.close()
         mlflow.end_run()
     # a run deleted in the UI is still found, but cannot be re-opened: the same
     mlflow.MlflowClient(db).delete_run(tracker.run_id)

@@ -34,7 +34,7 @@ from clipgs.data.axes import UP_AXES, parse_up
 from clipgs.data.formats import (FORMATS, GAUSSIAN_SUFFIXES, MAX_FILE_BYTES, read_gaussians,
                                   too_large)
 from clipgs.data.gaussians import GaussianCloud
-from clipgs.data.storage import is_s3, list_stats, read_bytes
+from clipgs.data.storage import is_s3, list_stats, local_path, read_bytes
 from clipgs.errors import ClipgsError, GaussianFormatError, StorageError
 
 MODELNET10_CLASSES = ("bathtub", "bed", "chair", "desk", "dresser", "monitor", "night_stand",
@@ -150,7 +150,7 @@ def sidecar_up(url: str) -> tuple[str | None, str | None]:
     """The up axis an object file's sidecar names, read as ingest reads it (``<stem>.json``,
     or ``meta.json`` beside an object alone in its folder), and that sidecar: (None, None)
     without one or without ``"up"``. A sidecar ingest would reject is an error naming it."""
-    url = url if is_s3(url) else os.path.normpath(url)
+    url = url if is_s3(url) else str(local_path(url))  # file:// too, and "./x" as "x"
     folder = posixpath.dirname(url)
     siblings = set(list_stats(folder or ".", recursive=False))
     meta_url = _sidecars(url, siblings | {url})[1]

@@ -28,7 +28,8 @@ def join(base: str, *names: str) -> str:
     return str(Path(base.removeprefix("file://"), *names))
 
 
-def _local(url: str) -> Path:
+def local_path(url: str) -> Path:
+    """A local path or ``file://`` URL as a path."""
     return Path(str(url).removeprefix("file://"))
 
 
@@ -56,7 +57,7 @@ def read_bytes(url: str) -> bytes:
         if is_s3(url):
             bucket, key = _split(url)
             return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-        return _local(url).read_bytes()
+        return local_path(url).read_bytes()
     except Exception as exc:
         raise StorageError(f"{url}: cannot read ({exc})") from None
 
@@ -72,7 +73,7 @@ def write_bytes(url: str, data: bytes, multipart_mb: int | None = None) -> None:
     if is_s3(url):
         upload_file_bytes(url, data, multipart_mb)
         return
-    path = _local(url)
+    path = local_path(url)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
@@ -120,7 +121,7 @@ def exists(url: str) -> bool:
     shards only if it sees it, so "cannot tell" must not read as "absent")."""
     if is_s3(url):
         return _head(url) is not None
-    return _local(url).exists()
+    return local_path(url).exists()
 
 
 def _head(url: str) -> dict | None:
@@ -142,7 +143,7 @@ def size(url: str) -> int:
         if is_s3(url):
             bucket, key = _split(url)
             return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
-        return _local(url).stat().st_size
+        return local_path(url).stat().st_size
     except Exception as exc:
         raise StorageError(f"{url}: cannot read ({exc})") from None
 
@@ -154,7 +155,7 @@ def list_stats(url: str, recursive: bool = True) -> dict[str, tuple[int, str]]:
     if is_s3(url):
         bucket, prefix = _split(url)
         prefix = prefix.rstrip("/") + "/" if prefix else ""
-        out = {}
+        out, folders = {}, False
         try:
             for page in s3_client().get_paginator("list_objects_v2").paginate(
                 Bucket=bucket, Prefix=prefix, **({} if recursive else {"Delimiter": "/"})
@@ -162,13 +163,15 @@ def list_stats(url: str, recursive: bool = True) -> dict[str, tuple[int, str]]:
                 out.update({f"s3://{bucket}/{o['Key']}": (int(o["Size"]),
                                                           str(o.get("ETag", "")).strip('"'))
                             for o in page.get("Contents", [])})
+                folders = folders or bool(page.get("CommonPrefixes"))
         except Exception as exc:
             raise StorageError(f"{url}: cannot list ({exc})") from None
-        head = _head(url) if not out and prefix and not url.endswith("/") else None
+        empty = not out and not folders  # nothing under the URL as a folder
+        head = _head(url) if empty and prefix and not url.endswith("/") else None
         if head is not None:  # the URL is one object: it lists itself, as a local file does
             out[url] = (int(head["ContentLength"]), str(head.get("ETag", "")).strip('"'))
         return dict(sorted(out.items()))
-    root = _local(url)
+    root = local_path(url)
 
     def stat(p: Path) -> tuple[int, str]:
         st = p.stat()
@@ -178,8 +181,12 @@ def list_stats(url: str, recursive: bool = True) -> dict[str, tuple[int, str]]:
         return {str(root): stat(root)}
     if not root.is_dir():
         raise StorageError(f"{url}: no such file or folder")
-    return {str(p): stat(p) for p in sorted(root.rglob("*") if recursive else root.iterdir())
-            if p.is_file() and not p.name.startswith(".")}
+    try:
+        return {str(p): stat(p) for p in sorted(root.rglob("*") if recursive else
+                                                 root.iterdir())
+                if p.is_file() and not p.name.startswith(".")}
+    except OSError as exc:  # a folder that may not be read
+        raise StorageError(f"{url}: cannot list ({exc})") from None
 
 
 def list_sizes(url: str) -> dict[str, int]:
@@ -197,4 +204,4 @@ def remove(url: str) -> None:
         bucket, key = _split(url)
         s3_client().delete_object(Bucket=bucket, Key=key)
     else:
-        _local(url).unlink(missing_ok=True)
+        local_path(url).unlink(missing_ok=True)
