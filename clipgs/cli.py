@@ -46,7 +46,7 @@ def cmd_render(args) -> int:
     if not 8 <= args.size <= 4096:
         raise ClipgsError(f"--size {args.size}: expected 8..4096 pixels")
     up, why = (None, None) if args.up == "auto" else (parse_up(args.up), "--up")
-    if args.up != "auto" and up is None:
+    if why and up is None:
         raise ClipgsError(f"--up {args.up}: expected auto or one of {', '.join(UP_AXES)}")
     out = Path(args.out)
     if not out.parent.is_dir():
@@ -54,7 +54,8 @@ def cmd_render(args) -> int:
     points = load_gaussians(args.file).activated()
     if up is None:  # auto: as ingest renders it, the sidecar's axis, else the format's
         up, why = sidecar_up(args.file)
-        up, why = (up, why) if up else (format_up(args.file), "its format")
+    if up is None:
+        up, why = format_up(args.file), "its format"
     image = (render(points, ring_cameras(args.views, up=up)[args.view], args.size) * 255).byte()
     png = to_png(image.numpy())
     if out.is_symlink() or (out.exists() and not out.is_file()):  # through a link, to a device

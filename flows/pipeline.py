@@ -116,9 +116,9 @@ def retrain_flow(config: PipelineConfig = PipelineConfig(), tracking_uri: str | 
                     lambda: register_task(trained["run_id"], tracking_uri, cfg.model_name))
     # allow_rolled_back left off is left out of the key: a promotion finished before the
     # field existed keeps its key (and is not run again)
-    gate = cfg.promote.model_dump(mode="json", exclude=None if cfg.promote.allow_rolled_back
-                                  else {"allow_rolled_back"})
-    decision = stage("promote", {"version": version, "data": shards, "config": gate,
+    gated = cfg.promote.model_dump(mode="json", exclude=None if cfg.promote.allow_rolled_back
+                                   else {"allow_rolled_back"})
+    decision = stage("promote", {"version": version, "data": shards, "config": gated,
                                  "eval": cfg.eval.model_dump(mode="json")},
                      lambda: promote_flow(shards, cfg.model_name, version=version,
                                           config=cfg.promote, eval_config=cfg.eval,

@@ -154,7 +154,7 @@ def sidecar_up(url: str) -> tuple[str | None, str | None]:
     folder = posixpath.dirname(url)
     siblings = set(list_stats(folder or ".", recursive=False))
     meta_url = _sidecars(url, siblings | {url})[1]
-    meta = _meta(meta_url, _fetch([meta_url] if meta_url else []))
+    meta = _meta(meta_url, {meta_url: _try_read(meta_url)} if meta_url else {})
     if "_error" in meta:
         raise ClipgsError(meta["_error"])  # it names the sidecar
     return (parse_up(meta["up"]), meta_url) if "up" in meta else (None, None)
