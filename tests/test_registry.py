@@ -346,3 +346,56 @@ def test_commands_against_a_tracking_server_with_s3_artifacts(
     assert any(k.endswith("plots/retrieval_gallery.png") for k in keys)
     assert any(k.endswith("teacher.json") for k in keys)
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "mlartifacts").exists()
+
+
+# a register that waits, after looking for a version of its run, until the other has looked too
+RACING_REGISTER = """
+import sys, time
+from pathlib import Path
+from clipgs.registry import registry
+run_id, uri, barrier, me = sys.argv[1:]
+make = registry._log_and_register
+def after_both_looked(*args, **kwargs):
+    (Path(barrier) / me).touch()
+    deadline = time.monotonic() + 300
+    while len(list(Path(barrier).iterdir())) < 2:
+        if time.monotonic() > deadline:
+            raise SystemExit("the other register never came")
+        time.sleep(0.05)
+    return make(*args, **kwargs)
+registry._log_and_register = after_both_looked
+print(registry.register(run_id, uri, "clipgs"))
+"""
+
+
+@pytest.mark.slow
+def test_two_registers_of_one_run_at_once_leave_one_version(tiny_dataset, tmp_path):
+    """Two processes register the same run at the same moment: both find no version of it,
+    both make one. They agree on the first, the other is deleted with its logged model, and
+    the challenger alias names the one left."""
+    import mlflow
+
+    from clipgs.models.package import init_package
+    from clipgs.registry.registry import log_package_run
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    package = init_package(tmp_path / "pkg", str(tiny_dataset), SMALL)
+    run_id = log_package_run(str(package), uri)
+    (tmp_path / "barrier").mkdir()
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", RACING_REGISTER, run_id, uri, str(tmp_path / "barrier"), str(i)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    versions = {out.strip().splitlines()[-1] for out, _ in outs}
+    client = mlflow.MlflowClient(uri)
+    left = [str(v.version) for v in client.search_model_versions("name = 'clipgs'")]
+    assert len(versions) == 1 and left == list(versions), (versions, left)
+    assert "same time by another register" in "".join(err for _, err in outs)
+    mv = client.get_model_version_by_alias("clipgs", "challenger")
+    assert str(mv.version) == left[0] and mv.tags["clipgs.training_run_id"] == run_id
+    experiment = client.get_run(run_id).info.experiment_id
+    logged = client.search_logged_models(experiment_ids=[experiment])
+    assert [f"models:/{m.model_id}" for m in logged] == [mv.source]

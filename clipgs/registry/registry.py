@@ -108,6 +108,7 @@ def register(run_id: str, tracking_uri: str, name: str = "clipgs", limits=None) 
     version = _version_of_run(client, name, run_id, key)
     if version is None:
         version = _log_and_register(run_id, name, package, package_dir, limits, key)
+        version = _keep_first(client, name, run_id, key, version)
     else:  # a retry after a transient error, or the same run registered again
         log.info("run %s is already %s version %s: finishing that registration", run_id,
                  name, version)
@@ -120,14 +121,28 @@ def register(run_id: str, tracking_uri: str, name: str = "clipgs", limits=None) 
     # what an earlier attempt already wrote stays (a promotion's description among it)
     for k, v in lineage.items():
         if k not in mv.tags:
-            client.set_model_version_tag(name, version, k, v)
+            _write_twice(client.set_model_version_tag, name, version, k, v)
     if not mv.description:
         client.update_model_version(name, version, description=(
             f"CLIP-GS encoder from run {run_id} (commit {lineage['clipgs.git_commit'][:12]}), "
             f"trained on dataset sha256 {lineage['clipgs.dataset_manifest_sha256'][:16]}."))
-    client.set_registered_model_alias(name, CHALLENGER, version)
+    _write_twice(client.set_registered_model_alias, name, CHALLENGER, version)
     log.info("registered %s version %s (alias %s) from run %s", name, version, CHALLENGER, run_id)
     return version
+
+
+def _write_twice(write, *args) -> None:
+    """A write that another register of the same run may be making at the same moment: a
+    sqlite store checks for the row, then inserts it, so the later of two such writers fails
+    on the unique key. By then the row exists, and the write made again is an update."""
+    import mlflow
+
+    try:
+        write(*args)
+    except mlflow.exceptions.MlflowException as exc:
+        log.info("%s failed (%s): once more", write.__name__, exc.message.splitlines()[0])
+        time.sleep(0.2)
+        write(*args)
 
 
 def _register_key(limits) -> str:
@@ -143,10 +158,11 @@ def _register_key(limits) -> str:
 
 
 def _version_of_run(client, name: str, run_id: str, key: str) -> str | None:
-    """The version an earlier ``register`` of this run made with the same serving limits and
-    the same clipgs code and requirements (``_register_key``, kept in the model's metadata), if
-    any: a register retried after a transient error (once the version existed) finishes that
-    version instead of making a duplicate; a register after an upgrade makes a new one."""
+    """The first version an earlier ``register`` of this run made with the same serving
+    limits and the same clipgs code and requirements (``_register_key``, kept in the model's
+    metadata), if any: a register retried after a transient error (once the version existed)
+    finishes that version instead of making a duplicate; a register after an upgrade makes a
+    new one."""
     import mlflow
 
     if "'" in name:  # not expressible in MLflow's filter; a duplicate is the worst case
@@ -155,7 +171,7 @@ def _version_of_run(client, name: str, run_id: str, key: str) -> str | None:
         found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     except mlflow.exceptions.MlflowException:
         return None
-    for mv in sorted(found, key=lambda m: int(m.version), reverse=True):
+    for mv in sorted(found, key=lambda m: int(m.version)):
         if mv.status != "READY":
             continue
         try:
@@ -165,6 +181,32 @@ def _version_of_run(client, name: str, run_id: str, key: str) -> str | None:
         if (info.metadata or {}).get(REGISTER_KEY) == key:
             return str(mv.version)
     return None
+
+
+def _keep_first(client, name: str, run_id: str, key: str, version: str) -> str:
+    """Two registers of one run at the same moment both find no version and both make one:
+    each then keeps the first version of the run with its key and deletes its own if that is a
+    later one. The first is never deleted (only its own creator could, and it keeps it), so
+    both registers return the same version and one version is left."""
+    import mlflow
+
+    first = _version_of_run(client, name, run_id, key)
+    if first is None or int(first) >= int(version):
+        return version
+    log.warning("run %s was registered at the same time by another register as %s version "
+                "%s: deleting the duplicate version %s", run_id, name, first, version)
+    try:  # the version, and the model logged for it in the run
+        mv = client.get_model_version(name, version)
+        source = mv.source or ""  # models:/<model id> (sqlite stores keep no model_id)
+        model_id = mv.model_id or (source[len("models:/"):] if source.startswith("models:/m-")
+                                   else None)
+        client.delete_model_version(name, version)
+        if model_id:
+            client.delete_logged_model(model_id)
+    except mlflow.exceptions.MlflowException as exc:  # its alias goes to `first` all the same
+        log.warning("could not delete the duplicate %s version %s (%s)", name, version,
+                    exc.message.splitlines()[0])
+    return first
 
 
 def _log_and_register(run_id: str, name: str, package, package_dir: str, limits,
