@@ -59,11 +59,16 @@ def test_exists_says_absent_only_when_the_store_says_so(proxied):
     bucket, make = proxied
     storage.write_bytes(f"{bucket}/here.json", b"{}")
     assert storage.exists(f"{bucket}/here.json") and not storage.exists(f"{bucket}/gone.json")
+    assert storage.size(f"{bucket}/here.json") == 2  # the same HEAD
+    with pytest.raises(StorageError, match="gone.json: cannot read \\(no such object\\)"):
+        storage.size(f"{bucket}/gone.json")
     proxy = make(failures=0)
     proxy.drop = 10_000  # the store hangs up on every connection
     storage._client_for_pid.cache_clear()
     with pytest.raises(StorageError, match="gone.json: cannot tell whether it exists"):
         storage.exists(f"{bucket}/gone.json")
+    with pytest.raises(StorageError, match="here.json: cannot read \\("):
+        storage.size(f"{bucket}/here.json")
     assert proxy.dropped > 0
 
 

@@ -124,8 +124,9 @@ def exists(url: str) -> bool:
     return local_path(url).exists()
 
 
-def _head(url: str) -> dict | None:
-    """An S3 object's HEAD response; None only where the store says "not found"."""
+def _head(url: str, cannot: str = "tell whether it exists") -> dict | None:
+    """An S3 object's HEAD response; None only where the store says "not found" (any other
+    failure is a ``StorageError``: "<url>: cannot <cannot> (...)")."""
     bucket, key = _split(url)
     try:
         return s3_client().head_object(Bucket=bucket, Key=key)
@@ -134,15 +135,17 @@ def _head(url: str) -> dict | None:
         code = str(response.get("Error", {}).get("Code", ""))
         if code in ("404", "NoSuchKey", "NotFound"):
             return None
-        raise StorageError(f"{url}: cannot tell whether it exists ({exc})") from None
+        raise StorageError(f"{url}: cannot {cannot} ({exc})") from None
 
 
 def size(url: str) -> int:
     """A file's size in bytes, without reading it."""
+    if is_s3(url):
+        head = _head(url, cannot="read")
+        if head is None:
+            raise StorageError(f"{url}: cannot read (no such object)")
+        return int(head["ContentLength"])
     try:
-        if is_s3(url):
-            bucket, key = _split(url)
-            return int(s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
         return local_path(url).stat().st_size
     except Exception as exc:
         raise StorageError(f"{url}: cannot read ({exc})") from None
