@@ -187,6 +187,9 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(100, gt=0)
     checkpoint_mirror: str | None = Field(None, description="folder or s3:// prefix that every "
                                           "checkpoint is copied to (resume falls back to it)")
+    checkpoint_mirror_background: bool = Field(
+        True, description="copy to the mirror in a background thread while training goes on "
+        "(the next checkpoint and the end of the job wait for it); false: the step waits")
     keep_checkpoints: int = Field(2, gt=0, description="newest local checkpoints kept")
     resume: bool = Field(True, description="continue from the newest complete checkpoint; "
                          "false: start over, removing output_dir's (and the mirror's)")

@@ -208,7 +208,7 @@ def test_only_checkpoints_with_a_marker_count(tmp_path):
         if done:
             (tmp_path / f"step{step:07d}" / MARKER).write_text("{}")
     assert complete_steps(str(tmp_path)) == [2, 4, 8]  # step 6 was cut short by a kill
-    prune(tmp_path, None, keep=2, is_writer=True)
+    prune(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step0000004", "step0000006",
                                                           "step0000008"]
 
@@ -272,8 +272,10 @@ def test_zero2_offload_deepspeed_launcher_then_torchrun_two_nodes(tiny_dataset, 
     """Job 1: the deepspeed launcher, two nodes of one rank each (--no_ssh, as each node of a
     cluster starts it); job 2: torchrun with two nodes, from the standard environment."""
     db, out = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "train"
+    mirror = tmp_path / "mirror"  # the nodes share output_dir's disk: rank 0 copies it all
     overrides = [f"data={tiny_dataset}", f"output_dir={out}", "zero_stage=2",
-                 "offload_optimizer=true", f"tracking.tracking_uri={db}", *TINY]
+                 "offload_optimizer=true", f"tracking.tracking_uri={db}",
+                 f"checkpoint_mirror={mirror}", *TINY]
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     port = free_port()
@@ -288,6 +290,11 @@ def test_zero2_offload_deepspeed_launcher_then_torchrun_two_nodes(tiny_dataset, 
                  f"--master_port={port}", "-m", "clipgs.train.trainer", *overrides]
                 for n in (0, 1)])
     check_resumed(out, db, overrides)
+    from clipgs.train.checkpoint import COPIED, complete_steps
+    assert complete_steps(str(mirror)) == [2, 4]  # keep_checkpoints=2
+    assert not (mirror / "step0000004" / COPIED).exists()  # node 1 saw rank 0's disk
+    shards = sorted(p.name for p in (mirror / "step0000004").glob("*optim_states.pt"))
+    assert len(shards) == 2 and "rank_0" in shards[0] and "rank_1" in shards[1], shards
 
     # another model into the same output_dir: refused with a clear error, not half-loaded
     other = subprocess.run([sys.executable, "-m", "clipgs.cli", "train", "--nproc", "2",
@@ -331,6 +338,13 @@ def test_zero3_from_s3_resumes_from_the_mirror(tiny_dataset, tmp_path, s3_server
     mirrored = {u.split("/ckpt/")[1] for u in storage.list_files(f"{s3_server}/ckpt")}
     assert "step0000004/clipgs_checkpoint.json" in mirrored
     assert not any(m.startswith("step0000002/") for m in mirrored)  # pruned: keep 1
+    # how long the steps stood still for each checkpoint, and each copy's own time
+    from mlflow import MlflowClient
+    client = MlflowClient(db)
+    for name in ("checkpoint_s", "checkpoint_mirror_s"):
+        history = client.get_metric_history(result["run_id"], name)
+        assert sorted(m.step for m in history) == [2, 4], name
+        assert all(m.value > 0 for m in history), name
 
     reference = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"),
                                                          tag="step0000004")

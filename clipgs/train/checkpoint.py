@@ -9,7 +9,13 @@ The data position is the step: the streams are resampled and reseeded from the s
 same step having seen the same number of samples.
 
 Layout: ``<output_dir>/checkpoints/step0000040/`` holds DeepSpeed's files, ``rng/rank<r>.json``
-and ``clipgs_checkpoint.json`` (the marker); the mirror holds the same tree.
+and ``clipgs_checkpoint.json`` (the marker); the mirror holds the same tree (plus, with several
+nodes, ``.clipgs_copied/rank<r>``: node r's files are all there).
+
+The copy to the mirror runs in a background thread (``MirrorCopy``): the step goes on once the
+local checkpoint is complete, and the mirror's marker is written when every node's copy is done.
+The next checkpoint, and the end of the job, wait for it first, so at most one copy is in flight
+and a job never ends before its last checkpoint is in the mirror.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import pickle
 import random
 import re
 import shutil
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -34,6 +42,7 @@ from clipgs.errors import ConfigError, StorageError, TeacherMismatchError
 
 log = logging.getLogger("clipgs.train")
 MARKER = "clipgs_checkpoint.json"
+COPIED = ".clipgs_copied"  # in the mirror only: rank<r> once node r's files are all there
 
 
 def tag_for(step: int) -> str:
@@ -103,7 +112,7 @@ def _copy_to(path: Path, url: str) -> None:
     else:
         dest = Path(url.removeprefix("file://"))
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.part")
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")  # nodes may race here
         shutil.copyfile(path, tmp)
         os.replace(tmp, dest)
 
@@ -133,13 +142,14 @@ def download(mirror: str, tag: str, ckpt_dir: Path) -> None:
     if not files:
         raise StorageError(f"{storage.join(mirror, tag)}: checkpoint not found in the mirror")
     base = storage.join(mirror, tag)
+    files = [u for u in files if f"/{COPIED}/" not in u]
     for url in sorted(files, key=lambda u: u.endswith("/" + MARKER)):
         rel = url[len(base.rstrip("/")) + 1:] if storage.is_s3(url) else \
             Path(url).relative_to(Path(base)).as_posix()
         _copy_from(url, ckpt_dir / tag / rel)
 
 
-def prune(ckpt_dir: Path, mirror: str | None, keep: int, is_writer: bool) -> None:
+def prune(ckpt_dir: Path, keep: int) -> None:
     """Keep the newest ``keep`` complete checkpoints; older ones (and older partial ones) go."""
     steps = complete_steps(str(ckpt_dir))
     if len(steps) <= keep:
@@ -149,18 +159,36 @@ def prune(ckpt_dir: Path, mirror: str | None, keep: int, is_writer: bool) -> Non
         step = _step_of(path.name)
         if step is not None and step < oldest_kept:
             shutil.rmtree(path, ignore_errors=True)  # nodes sharing a disk may race here
-    if mirror and is_writer:
-        for step in complete_steps(mirror):
-            if step < oldest_kept:
+
+
+def prune_mirror(mirror: str, keep: int) -> None:
+    """The mirror's own newest ``keep`` complete checkpoints stay; older ones go, and so do
+    older partial ones (a copy a kill cut short)."""
+    steps = complete_steps(mirror)
+    if len(steps) > keep:
+        for step in _mirror_steps(mirror):
+            if step < steps[-keep]:
                 _remove_tag(mirror, step)
+
+
+def _mirror_steps(mirror: str) -> list[int]:
+    """Every checkpoint folder in the mirror, complete or not."""
+    if storage.is_s3(mirror):
+        prefix = mirror.rstrip("/") + "/"
+        tags = {u[len(prefix):].split("/")[0] for u in _list(mirror)}
+    else:
+        root = Path(mirror.removeprefix("file://"))
+        tags = {p.name for p in root.iterdir()} if root.is_dir() else set()
+    return sorted(s for s in map(_step_of, tags) if s is not None)
 
 
 def _remove_tag(mirror: str, step: int) -> None:
     base = storage.join(mirror, tag_for(step))
+    # the marker first, so a removal cut short leaves no "complete" remains
     if not storage.is_s3(base):
+        (Path(base.removeprefix("file://")) / MARKER).unlink(missing_ok=True)
         shutil.rmtree(base.removeprefix("file://"), ignore_errors=True)
         return
-    # the marker first, so a removal cut short leaves no "complete" remains
     for url in sorted(_list(base), key=lambda u: not u.endswith("/" + MARKER)):
         storage.remove(url)
 
@@ -225,10 +253,146 @@ def _load_safely(engine) -> None:
 
 # --- save and restore (collective: every rank calls them) ---------------------------------
 
+def _shares_disk_with_rank0(ckpt_dir: Path, rank: int, device: torch.device) -> bool:
+    """Whether this rank sees rank 0's checkpoint folder (a shared file system): then rank 0
+    copies every file, and the other nodes copy nothing twice. Collective. A token with a
+    fresh random value, so a stale one from an earlier run never counts."""
+    nonce = torch.tensor([random.SystemRandom().getrandbits(62) if rank == 0 else 0],
+                         dtype=torch.int64, device=device)
+    dist.broadcast(nonce, src=0)
+    token = ckpt_dir / ".clipgs_disk_check"
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        token.write_text(str(int(nonce.item())))
+    dist.barrier()
+    try:
+        shared = rank != 0 and token.read_text() == str(int(nonce.item()))
+    except OSError:
+        shared = False
+    dist.barrier()
+    if rank == 0:
+        token.unlink(missing_ok=True)
+    return shared
+
+
+class MirrorCopy:
+    """Copies each complete checkpoint to the mirror in the background (collective: every rank
+    makes one, and calls ``start`` and ``wait`` at the same points).
+
+    Each node's local rank 0 copies the files its disk holds in a thread of its own (names
+    never collide). Rank 0, once its own files are copied, waits for every other node's
+    ``.clipgs_copied/rank<r>`` object, then writes the marker (last: only now is the mirror's
+    checkpoint complete) and prunes the mirror. ``wait`` joins that copy; a copy that failed on
+    any node is a ``StorageError`` on every rank, so no rank waits for a collective that never
+    comes. With ``background=False`` every ``start`` waits at once (the step waits for the
+    upload, as before the background copy). The threads are daemons: a job killed mid-copy
+    leaves that step in the mirror without its marker, never resumed from."""
+
+    POLL_S = 0.2
+
+    def __init__(self, mirror: str, ckpt_dir: Path, rank: int, local_rank: int, keep: int,
+                 device: torch.device, background: bool = True):
+        self.mirror, self.ckpt_dir, self.rank, self.keep = mirror, ckpt_dir, rank, keep
+        self.device, self.background = device, background
+        shared = _shares_disk_with_rank0(ckpt_dir, rank, device)  # collective: every rank
+        self.uploader = rank == 0 or (local_rank == 0 and not shared)  # rank 0: the marker
+        flags = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=device)
+        flags[rank] = int(self.uploader)
+        dist.all_reduce(flags)  # which ranks copy: one per node
+        uploaders = torch.nonzero(flags).flatten().tolist()
+        self.several = len(uploaders) > 1  # the same on every rank
+        self.others = [r for r in uploaders if r != rank]
+        self._thread: threading.Thread | None = None
+        self._step: int | None = None
+        self._error: BaseException | None = None
+        self._seconds: float | None = None
+        self._stop = threading.Event()
+        self._finished: tuple[int, float] | None = None
+
+    def start(self, step: int) -> None:
+        """After every rank's files and the local marker are written (a barrier)."""
+        self._step, self._error, self._seconds = step, None, None
+        self._stop.clear()
+        if self.rank == 0 and _list(storage.join(self.mirror, tag_for(step))):
+            _remove_tag(self.mirror, step)  # a copy of this step a kill cut short: its
+        if self.several:  # files (another rank count's shards) must not mix into this one
+            dist.barrier()
+        if self.uploader:
+            self._thread = threading.Thread(target=self._copy, args=(step,), daemon=True,
+                                            name=f"clipgs-mirror-{tag_for(step)}")
+            self._thread.start()
+        if not self.background:
+            self.wait()
+
+    def _copy(self, step: int) -> None:
+        t0 = time.perf_counter()
+        tag = tag_for(step)
+        try:
+            upload(self.ckpt_dir / tag, self.mirror, marker=False)
+            if self.rank != 0:
+                storage.write_bytes(storage.join(self.mirror, tag, COPIED, f"rank{self.rank}"),
+                                    b"")
+                return
+            copied = storage.join(self.mirror, tag, COPIED) + "/"
+            want = {f"rank{r}" for r in self.others}
+            while want and not self._stop.is_set():
+                want -= {u.rstrip("/").rsplit("/", 1)[-1] for u in _list(copied)}
+                if want:
+                    self._stop.wait(self.POLL_S)
+            if want:  # another node's copy failed: no marker, the mirror keeps its last one
+                return
+            upload(self.ckpt_dir / tag, self.mirror, marker=True)
+            prune_mirror(self.mirror, self.keep)
+            self._seconds = time.perf_counter() - t0
+        except BaseException as exc:  # noqa: BLE001 - raised on every rank by wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        """Join the copy in flight (if any); collective."""
+        if self._step is None:
+            return
+        step, self._step = self._step, None
+        if self._thread is not None and self.rank != 0:
+            self._thread.join()
+        # other nodes first: rank 0's thread waits for their files, so it must hear of a
+        # failure there before it is joined
+        others = torch.tensor([int(self.rank != 0 and self._error is not None)],
+                              device=self.device)
+        dist.all_reduce(others, op=dist.ReduceOp.MAX)
+        if self._thread is not None and self.rank == 0:
+            if others.item():
+                self._stop.set()
+            self._thread.join()
+        self._thread = None
+        failed = torch.tensor([int(self._error is not None)], device=self.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        where = storage.join(self.mirror, tag_for(step))
+        if self._error is not None:
+            raise StorageError(
+                f"{where}: copying the checkpoint to the mirror failed "
+                f"({type(self._error).__name__}: {self._error}); the local checkpoint "
+                f"{self.ckpt_dir / tag_for(step)} is complete, so re-running the same command "
+                "resumes from it") from self._error
+        if failed.item():
+            raise StorageError(
+                f"{where}: copying the checkpoint to the mirror failed on another node (its "
+                "log says why); the local checkpoints are complete, so re-running the same "
+                "command resumes from them")
+        if self._seconds is not None:  # rank 0: the marker is written
+            self._finished = (step, self._seconds)
+
+    def pop_finished(self) -> tuple[int, float] | None:
+        """(step, seconds the copy took) of the copy the last ``wait`` joined, on rank 0."""
+        finished, self._finished = self._finished, None
+        return finished
+
+
 def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, local_rank: int,
-         mirror: str | None, keep: int) -> None:
-    """DeepSpeed checkpoint + RNG states, then the marker (rank 0, after every rank is done),
-    then the copy to the mirror (each node its own files, rank 0 the marker last)."""
+         keep: int, mirror: MirrorCopy | None = None) -> None:
+    """DeepSpeed checkpoint + RNG states, then the marker (rank 0, after every rank is done);
+    then the copy to the mirror starts in the background (after the one before is done)."""
+    if mirror is not None:
+        mirror.wait()  # at most one copy in flight; a failed one stops the run here
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
     rng_file = ckpt_dir / tag / "rng" / f"rank{rank}.json"
@@ -238,15 +402,11 @@ def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, local_rank: 
     if rank == 0:
         marker = dict(state, tag=tag, world_size=dist.get_world_size())
         storage.write_bytes(str(ckpt_dir / tag / MARKER), json.dumps(marker).encode())
-    if mirror:
-        if local_rank == 0:  # each node copies what its disk holds (names never collide)
-            upload(ckpt_dir / tag, mirror, marker=False)
-        dist.barrier()
-        if rank == 0:
-            upload(ckpt_dir / tag, mirror, marker=True)
     dist.barrier()
     if local_rank == 0:
-        prune(ckpt_dir, mirror, keep, is_writer=rank == 0)
+        prune(ckpt_dir, keep)  # never the checkpoint just written, the one being copied
+    if mirror is not None:
+        mirror.start(step)
 
 
 def restore(engine, ckpt_dir: Path, rank: int, local_rank: int, mirror: str | None,
@@ -315,8 +475,8 @@ def clear(ckpt_dir: Path, rank: int, local_rank: int, mirror: str | None) -> Non
     later resume can never pick one of them up."""
     if local_rank == 0 and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    if mirror and rank == 0:
-        for step in complete_steps(mirror):
+    if mirror and rank == 0:  # partial ones too: a new copy of the same step would mix in
+        for step in _mirror_steps(mirror):  # their files (other ranks' shards)
             _remove_tag(mirror, step)
     dist.barrier()
 

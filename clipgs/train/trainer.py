@@ -135,6 +135,10 @@ def run(config: TrainConfig) -> dict:
         # so the first two updates would run at LR 0 and the schedule one step late: start it
         # at iteration 1, so update k runs at iteration k (warm-up k/W, min_lr by the end)
         scheduler.step(1)
+    mirror = checkpoint.MirrorCopy(
+        config.checkpoint_mirror, ckpt_dir, rank, dist_info.local_rank,
+        config.keep_checkpoints, dist_info.device, config.checkpoint_mirror_background,
+    ) if config.checkpoint_mirror else None
     start = marker["step"] if marker else 0
     seen = marker["samples_seen"] if marker else 0
     end = min(config.steps, config.stop_at or config.steps)
@@ -180,11 +184,20 @@ def run(config: TrainConfig) -> dict:
                          metrics["samples_per_s"], 100 * metrics["data_wait_frac"])
                 window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
             if step % config.checkpoint_every == 0 or step == end:
+                t = time.perf_counter()
                 checkpoint.save(engine, ckpt_dir, step, {
                     "step": step, "samples_seen": seen, "fingerprint": fingerprint,
                     "teacher_sha256": manifest["teacher"]["sha256"], "data_identity": data_identity,
                     "run_id": tracker.run_id if tracker else None},
-                    rank, dist_info.local_rank, config.checkpoint_mirror, config.keep_checkpoints)
+                    rank, dist_info.local_rank, config.keep_checkpoints, mirror)
+                if is_main:  # how long training stood still for it, a wait for the copy
+                    # before included
+                    tracker.log({"checkpoint_s": time.perf_counter() - t}, step)
+                    _log_copy(tracker, mirror)
+        if mirror:  # the job ends only once its last checkpoint is in the mirror
+            mirror.wait()
+            if is_main:
+                _log_copy(tracker, mirror)
 
         result = {}
         common = {"steps": config.steps, "step": end, "samples_seen": seen,
@@ -218,6 +231,13 @@ def run(config: TrainConfig) -> dict:
         storage.write_bytes(str(out_dir / RESULT), json.dumps(result, indent=1).encode())
     torch.distributed.barrier()
     return result
+
+
+def _log_copy(tracker: Tracker, mirror: checkpoint.MirrorCopy | None) -> None:
+    """The mirror copy's own wall time, at the step it copied."""
+    finished = mirror.pop_finished() if mirror else None
+    if finished:
+        tracker.log({"checkpoint_mirror_s": finished[1]}, finished[0])
 
 
 def run_fingerprint(config: TrainConfig) -> str:
@@ -315,7 +335,8 @@ class Tracker:
         self.losses: dict[int, float] = {}
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        self.losses[step] = metrics["loss"]
+        if "loss" in metrics:  # not in the checkpoint timings
+            self.losses[step] = metrics["loss"]
         self.metrics.log(metrics, step)
 
     def fail(self, exc: BaseException) -> None:

@@ -1,0 +1,193 @@
+"""The copy of checkpoints to the mirror (``checkpoint.MirrorCopy``): in the background while
+training goes on, its marker last and only once every node's files are there, a failure on
+any node an error on every rank, and the mirror pruned to its own newest complete ones.
+
+Checkpoint folders here are plain files (what the copy sees of DeepSpeed's); the copy itself
+is the real one, to a folder or to moto's S3 server through boto3. The trainer's use of it is
+covered by the slow 2-rank runs in test_train.py (an S3 mirror, a new node resuming from it)."""
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from clipgs.data import storage
+from clipgs.errors import StorageError
+from clipgs.train import checkpoint
+from clipgs.train.checkpoint import COPIED, MARKER, MirrorCopy, complete_steps, prune_mirror
+from tests.conftest import free_port
+
+
+def _local_checkpoint(ckpt_dir: Path, step: int, files: tuple[str, ...] = ("model.pt",),
+                      marker: bool = True) -> None:
+    tag = ckpt_dir / checkpoint.tag_for(step)
+    for name in files:
+        (tag / name).parent.mkdir(parents=True, exist_ok=True)
+        (tag / name).write_bytes(f"{name} of step {step}".encode() * 100)
+    if marker:
+        (tag / MARKER).write_text(json.dumps({"step": step}))
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_the_copy_runs_while_training_goes_on_and_the_marker_comes_last(tmp_path, one_rank,
+                                                                      monkeypatch):
+    ckpt, mirror = tmp_path / "checkpoints", tmp_path / "mirror"
+    _local_checkpoint(ckpt, 4, files=("model.pt", "optim.pt", "rng/rank0.json"))
+    release, copying, real = threading.Event(), threading.Event(), checkpoint._copy_to
+
+    def held(path, url):  # a slow bucket: the first file waits until the test releases it
+        copying.set()
+        assert release.wait(30)
+        real(path, url)
+
+    monkeypatch.setattr(checkpoint, "_copy_to", held)
+    copy = MirrorCopy(str(mirror), ckpt, 0, 0, keep=2, device=torch.device("cpu"))
+    copy.start(4)  # returns with the copy in flight: the step is not held
+    assert copying.wait(30)
+    assert complete_steps(str(mirror)) == []
+    release.set()
+    copy.wait()
+    assert complete_steps(str(mirror)) == [4]
+    copied = sorted(p.relative_to(mirror).as_posix() for p in mirror.rglob("*") if p.is_file())
+    assert copied == ["step0000004/clipgs_checkpoint.json", "step0000004/model.pt",
+                      "step0000004/optim.pt", "step0000004/rng/rank0.json"]
+    step, seconds = copy.pop_finished()
+    assert step == 4 and seconds > 0 and copy.pop_finished() is None
+    copy.wait()  # nothing in flight: nothing to do
+
+
+def test_without_background_the_copy_is_done_when_start_returns(tmp_path, one_rank):
+    """Also: what a killed copy of the same step left in the mirror (here another rank
+    count's shard) is removed first, not mixed into the new copy."""
+    ckpt, mirror = tmp_path / "checkpoints", tmp_path / "mirror"
+    _local_checkpoint(ckpt, 2)
+    stale = mirror / "step0000002" / "zero_pp_rank_3_optim_states.pt"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"from a run on 4 ranks")
+    copy = MirrorCopy(str(mirror), ckpt, 0, 0, keep=1, device=torch.device("cpu"),
+                      background=False)
+    copy.start(2)
+    assert complete_steps(str(mirror)) == [2]
+    assert sorted(p.name for p in (mirror / "step0000002").iterdir()) == [MARKER, "model.pt"]
+    assert copy.pop_finished()[0] == 2
+
+
+def test_a_failed_copy_is_an_error_at_the_next_wait_and_leaves_no_marker(tmp_path, one_rank,
+                                                                        s3_server):
+    """A bucket that does not exist, through the real client: the training step is not held
+    by the failure either; the next checkpoint (or the end of the job) raises, naming the
+    mirror and saying the local checkpoint is whole."""
+    ckpt = tmp_path / "checkpoints"
+    _local_checkpoint(ckpt, 6)
+    copy = MirrorCopy("s3://no-such-bucket/ckpt", ckpt, 0, 0, keep=2, device=torch.device("cpu"))
+    copy.start(6)
+    with pytest.raises(StorageError, match=r"s3://no-such-bucket/ckpt/step0000006: copying the "
+                       r"checkpoint to the mirror failed \(.*NoSuchBucket.*\); the local "
+                       r"checkpoint .*step0000006 is complete"):
+        copy.wait()
+    assert copy.pop_finished() is None
+    # the same copy to a bucket that is there: the mirror's own checkpoint is complete
+    storage.s3_client().create_bucket(Bucket="late")
+    copy = MirrorCopy("s3://late/ckpt", ckpt, 0, 0, keep=2, device=torch.device("cpu"))
+    copy.start(6)
+    copy.wait()
+    assert complete_steps("s3://late/ckpt") == [6]
+
+
+@pytest.mark.parametrize("where", ["folder", "s3"])
+def test_the_mirror_keeps_its_newest_complete_checkpoints(tmp_path, where, request):
+    """Older complete ones and older partial ones (a copy a kill cut short) go; the newest
+    complete ones and a newer partial one (a copy in flight) stay."""
+    mirror = str(tmp_path / "mirror") if where == "folder" else \
+        request.getfixturevalue("s3_server") + "/ckpt"
+    local = tmp_path / "local"
+    for step, done in ((2, True), (3, False), (4, True), (6, True), (8, False)):
+        _local_checkpoint(local, step, files=("model.pt", "rng/rank0.json"), marker=done)
+        checkpoint.upload(local / checkpoint.tag_for(step), mirror, marker=False)
+        if done:
+            checkpoint.upload(local / checkpoint.tag_for(step), mirror, marker=True)
+    prune_mirror(mirror, keep=2)
+    assert complete_steps(mirror) == [4, 6]
+    assert checkpoint._mirror_steps(mirror) == [4, 6, 8]
+    prune_mirror(mirror, keep=5)  # fewer than keep: nothing goes
+    assert checkpoint._mirror_steps(mirror) == [4, 6, 8]
+
+
+# ---- two nodes: the marker once both nodes' files are there; a failure on one node -------
+
+def _two_nodes_worker(rank: int, init: str, root: str, mode: str) -> None:
+    """One of two gloo ranks, each the local rank 0 of its own node with its own disk."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    root_path = Path(root)
+    ckpt, mirror = root_path / f"node{rank}" / "checkpoints", str(root_path / "mirror")
+    _local_checkpoint(ckpt, 10, files=(f"zero_rank{rank}_optim.pt",), marker=rank == 0)
+    real = checkpoint._copy_to
+    release = root_path / "release"
+
+    def node1_copy(path, url):
+        if mode == "fail":
+            raise OSError("connection reset by peer")
+        while not release.exists():  # node 1's store is slow until rank 0 has looked
+            threading.Event().wait(0.05)
+        real(path, url)
+
+    if rank == 1:
+        checkpoint._copy_to = node1_copy
+    copy = MirrorCopy(mirror, ckpt, rank, 0, keep=2, device=torch.device("cpu"))
+    copy.start(10)
+    seen = None
+    if rank == 0 and mode == "ok":
+        own = Path(mirror) / "step0000010" / "zero_rank0_optim.pt"
+        for _ in range(600):  # rank 0's own files are copied; node 1's are held back
+            if own.exists():
+                break
+            threading.Event().wait(0.05)
+        threading.Event().wait(0.5)
+        seen = {"own_copied": own.exists(), "complete": complete_steps(mirror)}
+        release.write_text("go")
+    try:
+        copy.wait()
+        error = None
+    except StorageError as exc:
+        error = str(exc)
+    (root_path / f"rank{rank}.json").write_text(json.dumps({"seen": seen, "error": error}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["ok", "fail"])
+def test_two_nodes_the_marker_waits_for_both_and_a_failure_reaches_both(tmp_path, mode):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_two_nodes_worker, args=(f"file://{tmp_path}/store", str(tmp_path), mode),
+             nprocs=2)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    mirror = tmp_path / "mirror"
+    tag = mirror / "step0000010"
+    if mode == "ok":
+        assert r0 == {"seen": {"own_copied": True, "complete": []}, "error": None}
+        assert r1["error"] is None
+        assert complete_steps(str(mirror)) == [10]
+        assert sorted(p.relative_to(tag).as_posix() for p in tag.rglob("*") if p.is_file()) == [
+            f"{COPIED}/rank1", MARKER, "zero_rank0_optim.pt", "zero_rank1_optim.pt"]
+        # a new node fetches the checkpoint without the copy's bookkeeping
+        checkpoint.download(str(mirror), "step0000010", tmp_path / "new-node")
+        fetched = tmp_path / "new-node" / "step0000010"
+        assert sorted(p.name for p in fetched.rglob("*") if p.is_file()) == [
+            MARKER, "zero_rank0_optim.pt", "zero_rank1_optim.pt"]
+    else:
+        assert r1["error"].startswith(f"{tag}: copying the checkpoint to the mirror failed "
+                                      "(OSError: connection reset by peer); the local checkpoint")
+        assert r0["error"] == (f"{tag}: copying the checkpoint to the mirror failed on another "
+                               "node (its log says why); the local checkpoints are complete, so "
+                               "re-running the same command resumes from them")
+        assert complete_steps(str(mirror)) == []  # node 1's files are missing: no marker
