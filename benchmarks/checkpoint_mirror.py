@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--step", choices=["sleep", "cpu"], default="sleep")
     parser.add_argument("--embed-dim", type=int, default=384)
     parser.add_argument("overrides", nargs="*", help="TrainConfig overrides (default: "
-                        "model.size=small, 21.6 M parameters)")
+                        "model.size=small, 22.4 M parameters)")
     args = parser.parse_args()
     from benchmarks._common import moto_server, single_rank_env
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from clipgs.data import storage
-from clipgs.errors import StorageError
+from clipgs.errors import ConfigError, StorageError
 from clipgs.train import checkpoint
 from clipgs.train.checkpoint import COPIED, MARKER, MirrorCopy, complete_steps, prune_mirror
 from tests.conftest import free_port
@@ -93,7 +93,7 @@ def test_a_failed_copy_is_an_error_at_the_next_wait_and_leaves_no_marker(tmp_pat
     copy.start(6)
     with pytest.raises(StorageError, match=r"s3://no-such-bucket/ckpt/step0000006: copying the "
                        r"checkpoint to the mirror failed \(.*NoSuchBucket.*\); the local "
-                       r"checkpoint .*step0000006 is complete"):
+                       r"checkpoint .*step0000006 is complete, and the next run"):
         copy.wait()
     assert copy.pop_finished() is None
     # the same copy to a bucket that is there: the mirror's own checkpoint is complete
@@ -107,7 +107,8 @@ def test_a_failed_copy_is_an_error_at_the_next_wait_and_leaves_no_marker(tmp_pat
 @pytest.mark.parametrize("where", ["folder", "s3"])
 def test_the_mirror_keeps_its_newest_complete_checkpoints(tmp_path, where, request):
     """Older complete ones and older partial ones (a copy a kill cut short) go; the newest
-    complete ones and a newer partial one (a copy in flight) stay."""
+    complete ones up to the step just copied, and anything newer (a copy in flight, or
+    another run's that this one did not write), stay."""
     mirror = str(tmp_path / "mirror") if where == "folder" else \
         request.getfixturevalue("s3_server") + "/ckpt"
     local = tmp_path / "local"
@@ -116,11 +117,56 @@ def test_the_mirror_keeps_its_newest_complete_checkpoints(tmp_path, where, reque
         checkpoint.upload(local / checkpoint.tag_for(step), mirror, marker=False)
         if done:
             checkpoint.upload(local / checkpoint.tag_for(step), mirror, marker=True)
-    prune_mirror(mirror, keep=2)
+    prune_mirror(mirror, keep=1, step=4)  # newer ones are not this run's to remove
     assert complete_steps(mirror) == [4, 6]
     assert checkpoint._mirror_steps(mirror) == [4, 6, 8]
-    prune_mirror(mirror, keep=5)  # fewer than keep: nothing goes
+    prune_mirror(mirror, keep=5, step=8)  # fewer than keep: nothing goes
     assert checkpoint._mirror_steps(mirror) == [4, 6, 8]
+    for step, done in ((2, True), (3, False)):
+        _local_checkpoint(local, step, marker=done)
+        checkpoint.upload(local / checkpoint.tag_for(step), mirror, marker=False)
+        if done:
+            checkpoint.upload(local / checkpoint.tag_for(step), mirror, marker=True)
+    prune_mirror(mirror, keep=2, step=6)
+    assert complete_steps(mirror) == [4, 6]
+    assert checkpoint._mirror_steps(mirror) == [4, 6, 8]
+
+
+def test_a_resumed_checkpoint_the_mirror_lacks_is_copied(tmp_path, one_rank):
+    """Its copy failed, or a kill cut it short: the run that resumes from it copies it, so
+    no run ends with its checkpoint on local disk only; one the mirror has is left alone."""
+    ckpt, mirror = tmp_path / "checkpoints", tmp_path / "mirror"
+    _local_checkpoint(ckpt, 8)
+    partial = mirror / "step0000008" / "model.pt"  # the killed copy's remains
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"half")
+    copy = MirrorCopy(str(mirror), ckpt, 0, 0, keep=2, device=torch.device("cpu"))
+    copy.ensure(8)
+    copy.wait()
+    assert complete_steps(str(mirror)) == [8]
+    assert partial.read_bytes() == (ckpt / "step0000008" / "model.pt").read_bytes()
+    copy.ensure(8)  # complete there: nothing in flight
+    assert copy._thread is None and copy.pop_finished()[0] == 8
+
+
+def test_a_store_that_cannot_be_listed_is_an_error_not_no_checkpoints(s3_server):
+    """Else a resume would start over, and pruning take newer checkpoints for strays."""
+    with pytest.raises(StorageError, match="s3://no-such-bucket/ckpt: cannot list"):
+        complete_steps("s3://no-such-bucket/ckpt")
+    assert complete_steps(f"{s3_server}/empty") == []
+
+
+def test_a_node_without_markers_prunes_the_checkpoints_it_saved(tmp_path):
+    """Rank 0 writes the markers; a node that does not share its disk has none, so there the
+    steps saved up to now count (a later partial one, from another job, is left)."""
+    from clipgs.train.checkpoint import prune
+
+    for step in (2, 4, 6, 8):
+        _local_checkpoint(tmp_path, step, files=("zero_pp_rank_1_optim_states.pt",),
+                          marker=False)
+    prune(tmp_path, keep=2, step=6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step0000004", "step0000006",
+                                                          "step0000008"]
 
 
 # ---- two nodes: the marker once both nodes' files are there; a failure on one node -------
@@ -137,13 +183,34 @@ def _two_nodes_worker(rank: int, init: str, root: str, mode: str) -> None:
     def node1_copy(path, url):
         if mode == "fail":
             raise OSError("connection reset by peer")
-        while not release.exists():  # node 1's store is slow until rank 0 has looked
-            threading.Event().wait(0.05)
+        while mode == "ok" and not release.exists():  # node 1's store is slow until
+            threading.Event().wait(0.05)  # rank 0 has looked
         real(path, url)
 
     if rank == 1:
         checkpoint._copy_to = node1_copy
+    if mode == "fail0" and rank == 0:
+        def node0_copy(path, url):
+            raise OSError("disk quota exceeded")
+        checkpoint._copy_to = node0_copy
+    if mode == "unshared":  # each node its own local folder: no node would see the others'
+        mirror = str(root_path / f"node{rank}" / "mirror")
+        try:
+            MirrorCopy(mirror, ckpt, rank, 0, keep=2, device=torch.device("cpu"))
+            error = None
+        except ConfigError as exc:
+            error = str(exc)
+        (root_path / f"rank{rank}.json").write_text(json.dumps({"seen": None, "error": error}))
+        dist.destroy_process_group()
+        return
     copy = MirrorCopy(mirror, ckpt, rank, 0, keep=2, device=torch.device("cpu"))
+    if mode == "invisible":  # node 1's object lands where rank 0 never sees it
+        copy.VISIBLE_S = 1.0
+        if rank == 1:
+            write = storage.write_bytes
+            checkpoint.storage.write_bytes = lambda url, data: write(url + ".elsewhere", data)
+    if mode == "ok" and rank == 0:  # what a killed copy of this step left: removed first
+        real(Path(__file__), f"{mirror}/step0000010/stale_rank3.pt")
     copy.start(10)
     seen = None
     if rank == 0 and mode == "ok":
@@ -164,8 +231,14 @@ def _two_nodes_worker(rank: int, init: str, root: str, mode: str) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["ok", "fail"])
+@pytest.mark.parametrize("mode", ["ok", "fail", "fail0", "invisible", "unshared"])
 def test_two_nodes_the_marker_waits_for_both_and_a_failure_reaches_both(tmp_path, mode):
+    """ok: rank 0 writes no marker while node 1's copy is held back, then one once node 1's
+    files are there (a killed copy's stale file removed first); fail / fail0: a copy that
+    fails on node 1 / on rank 0 is an error on both ranks, and no marker; invisible: node 1's
+    copy ended well but rank 0 never sees its object - an error after ``VISIBLE_S``, not a
+    wait for ever; unshared: a mirror folder that is not the same for both nodes is refused
+    when the run starts."""
     import torch.multiprocessing as mp
 
     mp.spawn(_two_nodes_worker, args=(f"file://{tmp_path}/store", str(tmp_path), mode),
@@ -184,10 +257,29 @@ def test_two_nodes_the_marker_waits_for_both_and_a_failure_reaches_both(tmp_path
         fetched = tmp_path / "new-node" / "step0000010"
         assert sorted(p.name for p in fetched.rglob("*") if p.is_file()) == [
             MARKER, "zero_rank0_optim.pt", "zero_rank1_optim.pt"]
+    elif mode == "invisible":
+        assert r0["error"].startswith(
+            f"{tag}: copying the checkpoint to the mirror failed (StorageError: {tag}/{COPIED}/: "
+            f"rank1 copied their files, but rank 0 has not seen them in the mirror for 1 s; the "
+            "mirror must be one folder or bucket that every node reaches)")
+        assert r1["error"].startswith(f"{tag}: copying the checkpoint to the mirror failed on "
+                                      "another node")
+        assert complete_steps(str(mirror)) == []
+    elif mode == "unshared":
+        assert r1["error"] == (f"checkpoint_mirror={tmp_path}/node1/mirror: rank 1 does not "
+                               "see what rank 0 wrote there; the mirror must be one folder or "
+                               "bucket that every node reaches (a local folder only on a disk "
+                               "they share)")
+        assert r0["error"] == (f"checkpoint_mirror={tmp_path}/node0/mirror: not every node can "
+                               "use it (the failing rank's log says why)")
+        assert not list((tmp_path / "node0" / "mirror").iterdir())  # the token is removed
     else:
-        assert r1["error"].startswith(f"{tag}: copying the checkpoint to the mirror failed "
-                                      "(OSError: connection reset by peer); the local checkpoint")
-        assert r0["error"] == (f"{tag}: copying the checkpoint to the mirror failed on another "
-                               "node (its log says why); the local checkpoints are complete, so "
-                               "re-running the same command resumes from them")
-        assert complete_steps(str(mirror)) == []  # node 1's files are missing: no marker
+        failing, other = (r1, r0) if mode == "fail" else (r0, r1)
+        reason = "connection reset by peer" if mode == "fail" else "disk quota exceeded"
+        assert failing["error"].startswith(f"{tag}: copying the checkpoint to the mirror "
+                                           f"failed (OSError: {reason}); the local checkpoint")
+        assert other["error"] == (f"{tag}: copying the checkpoint to the mirror failed on "
+                                  "another node (its log says why); the next run of this "
+                                  "training resumes from the newest checkpoint every node can "
+                                  "read, copying it again")
+        assert complete_steps(str(mirror)) == []  # a node's files are missing: no marker

@@ -161,6 +161,8 @@ def test_resume_false_clears_the_earlier_runs_checkpoints(tmp_path):
     for root in (ckpt, mirror):
         (root / "step0000200").mkdir(parents=True)
         (root / "step0000200" / MARKER).write_text("{}")
+    (mirror / "step0000300").mkdir()  # a copy a kill cut short: its shards would mix into
+    (mirror / "step0000300" / "zero_pp_rank_3_optim_states.pt").write_text("")  # a new one
     dist.init_process_group("gloo", rank=0, world_size=1,
                             init_method=f"tcp://127.0.0.1:{free_port()}")
     try:
@@ -168,6 +170,7 @@ def test_resume_false_clears_the_earlier_runs_checkpoints(tmp_path):
     finally:
         dist.destroy_process_group()
     assert not ckpt.exists() and complete_steps(str(mirror)) == []
+    assert not list(mirror.iterdir())
 
 
 def test_resume_refuses_a_checkpoint_trained_against_another_teacher(tmp_path):

@@ -28,6 +28,7 @@ import pickle
 import random
 import re
 import shutil
+import tempfile
 import threading
 import time
 import warnings
@@ -83,22 +84,25 @@ def set_rng_state(state: dict) -> None:
 # --- finding, copying and pruning ---------------------------------------------------------
 
 def complete_steps(ckpt_dir: str) -> list[int]:
-    """Steps of the checkpoints whose marker exists (locally or under an s3:// prefix)."""
+    """Steps of the checkpoints whose marker exists (locally or under an s3:// prefix). A
+    store that cannot be listed is an error, never "no checkpoints" (a resume would start
+    over, and the mirror's pruning would take the newer ones for strays)."""
     if storage.is_s3(ckpt_dir):
-        names = {u[len(ckpt_dir.rstrip("/")) + 1:] for u in _list(ckpt_dir)}
+        names = {u[len(ckpt_dir.rstrip("/")) + 1:] for u in _files(ckpt_dir)}
     else:
-        root = Path(ckpt_dir)
+        root = storage.local_path(ckpt_dir)
         names = {f"{p.parent.name}/{MARKER}" for p in root.glob(f"*/{MARKER}")} \
             if root.is_dir() else set()
     steps = [_step_of(n.split("/")[0]) for n in names if n.endswith("/" + MARKER)]
     return sorted(s for s in steps if s is not None)
 
 
-def _list(url: str) -> list[str]:
-    try:
-        return storage.list_files(url)
-    except StorageError:
+def _files(url: str) -> list[str]:
+    """Every file under a folder or prefix; none for a folder that does not exist. A store
+    that cannot be listed is a ``StorageError``."""
+    if not storage.is_s3(url) and not storage.local_path(url).exists():
         return []
+    return storage.list_files(url)
 
 
 def _copy_to(path: Path, url: str) -> None:
@@ -110,11 +114,19 @@ def _copy_to(path: Path, url: str) -> None:
         storage.s3_client().upload_file(str(path), bucket, key, Config=TransferConfig(
             multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20))
     else:
-        dest = Path(url.removeprefix("file://"))
+        dest = storage.local_path(url)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")  # nodes may race here
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, dest)
+        # a name of its own: nodes that both copy a file (an undetected shared disk) never
+        # replace each other's half-written one
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+                shutil.copyfileobj(src, out, 16 * 2**20)
+                os.fchmod(out.fileno(), 0o666 & ~storage._UMASK)
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def _copy_from(url: str, path: Path) -> None:
@@ -138,46 +150,52 @@ def upload(local_tag_dir: Path, mirror: str, marker: bool) -> None:
 
 def download(mirror: str, tag: str, ckpt_dir: Path) -> None:
     """The whole checkpoint from the mirror; the marker last, so a half download is ignored."""
-    files = _list(storage.join(mirror, tag))
+    files = [u for u in _files(storage.join(mirror, tag)) if f"/{COPIED}/" not in u]
     if not files:
         raise StorageError(f"{storage.join(mirror, tag)}: checkpoint not found in the mirror")
     base = storage.join(mirror, tag)
-    files = [u for u in files if f"/{COPIED}/" not in u]
     for url in sorted(files, key=lambda u: u.endswith("/" + MARKER)):
         rel = url[len(base.rstrip("/")) + 1:] if storage.is_s3(url) else \
             Path(url).relative_to(Path(base)).as_posix()
         _copy_from(url, ckpt_dir / tag / rel)
 
 
-def prune(ckpt_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints; older ones (and older partial ones) go."""
+def prune(ckpt_dir: Path, keep: int, step: int | None = None) -> None:
+    """Keep the newest ``keep`` complete checkpoints; older ones (and older partial ones) go.
+    A node that does not share rank 0's disk holds no markers (rank 0 writes them): there
+    the checkpoints this job saved up to ``step`` count as complete (every rank's files were
+    written before the barrier that precedes pruning)."""
     steps = complete_steps(str(ckpt_dir))
+    if not steps and step is not None and ckpt_dir.is_dir():
+        steps = sorted(s for s in map(_step_of, (p.name for p in ckpt_dir.iterdir()))
+                       if s is not None and s <= step)
     if len(steps) <= keep:
         return
     oldest_kept = steps[-keep]
     for path in ckpt_dir.iterdir():
-        step = _step_of(path.name)
-        if step is not None and step < oldest_kept:
+        step_ = _step_of(path.name)
+        if step_ is not None and step_ < oldest_kept:
             shutil.rmtree(path, ignore_errors=True)  # nodes sharing a disk may race here
 
 
-def prune_mirror(mirror: str, keep: int) -> None:
-    """The mirror's own newest ``keep`` complete checkpoints stay; older ones go, and so do
-    older partial ones (a copy a kill cut short)."""
-    steps = complete_steps(mirror)
+def prune_mirror(mirror: str, keep: int, step: int) -> None:
+    """Once ``step`` is complete in the mirror: its newest ``keep`` complete checkpoints up to
+    ``step`` stay, older complete and partial ones (a copy a kill cut short) go. Newer ones
+    are never touched (this run did not write them)."""
+    steps = [s for s in complete_steps(mirror) if s <= step]
     if len(steps) > keep:
-        for step in _mirror_steps(mirror):
-            if step < steps[-keep]:
-                _remove_tag(mirror, step)
+        for old in _mirror_steps(mirror):
+            if old < steps[-keep]:
+                _remove_tag(mirror, old)
 
 
 def _mirror_steps(mirror: str) -> list[int]:
     """Every checkpoint folder in the mirror, complete or not."""
     if storage.is_s3(mirror):
         prefix = mirror.rstrip("/") + "/"
-        tags = {u[len(prefix):].split("/")[0] for u in _list(mirror)}
+        tags = {u[len(prefix):].split("/")[0] for u in _files(mirror)}
     else:
-        root = Path(mirror.removeprefix("file://"))
+        root = storage.local_path(mirror)
         tags = {p.name for p in root.iterdir()} if root.is_dir() else set()
     return sorted(s for s in map(_step_of, tags) if s is not None)
 
@@ -186,10 +204,10 @@ def _remove_tag(mirror: str, step: int) -> None:
     base = storage.join(mirror, tag_for(step))
     # the marker first, so a removal cut short leaves no "complete" remains
     if not storage.is_s3(base):
-        (Path(base.removeprefix("file://")) / MARKER).unlink(missing_ok=True)
-        shutil.rmtree(base.removeprefix("file://"), ignore_errors=True)
+        (storage.local_path(base) / MARKER).unlink(missing_ok=True)
+        shutil.rmtree(storage.local_path(base), ignore_errors=True)
         return
-    for url in sorted(_list(base), key=lambda u: not u.endswith("/" + MARKER)):
+    for url in sorted(_files(base), key=lambda u: not u.endswith("/" + MARKER)):
         storage.remove(url)
 
 
@@ -277,23 +295,27 @@ def _shares_disk_with_rank0(ckpt_dir: Path, rank: int, device: torch.device) -> 
 
 class MirrorCopy:
     """Copies each complete checkpoint to the mirror in the background (collective: every rank
-    makes one, and calls ``start`` and ``wait`` at the same points).
+    makes one, and calls ``start``, ``wait`` and ``ensure`` at the same points).
 
     Each node's local rank 0 copies the files its disk holds in a thread of its own (names
-    never collide). Rank 0, once its own files are copied, waits for every other node's
+    never collide); a node that sees rank 0's checkpoint folder copies nothing (rank 0 copies
+    it all). Rank 0, once its own files are copied, waits for every other copying node's
     ``.clipgs_copied/rank<r>`` object, then writes the marker (last: only now is the mirror's
     checkpoint complete) and prunes the mirror. ``wait`` joins that copy; a copy that failed on
     any node is a ``StorageError`` on every rank, so no rank waits for a collective that never
     comes. With ``background=False`` every ``start`` waits at once (the step waits for the
-    upload, as before the background copy). The threads are daemons: a job killed mid-copy
-    leaves that step in the mirror without its marker, never resumed from."""
+    copy). The threads are daemons: a job killed mid-copy leaves that step in the mirror
+    without its marker, never resumed from."""
 
     POLL_S = 0.2
+    VISIBLE_S = 180.0  # after the other nodes' copies ended: an NFS listing may lag ~60 s
 
     def __init__(self, mirror: str, ckpt_dir: Path, rank: int, local_rank: int, keep: int,
                  device: torch.device, background: bool = True):
         self.mirror, self.ckpt_dir, self.rank, self.keep = mirror, ckpt_dir, rank, keep
         self.device, self.background = device, background
+        if storage.is_s3(mirror):
+            storage.s3_client()  # made here: creating boto3's client is not thread-safe
         shared = _shares_disk_with_rank0(ckpt_dir, rank, device)  # collective: every rank
         self.uploader = rank == 0 or (local_rank == 0 and not shared)  # rank 0: the marker
         flags = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=device)
@@ -302,21 +324,85 @@ class MirrorCopy:
         uploaders = torch.nonzero(flags).flatten().tolist()
         self.several = len(uploaders) > 1  # the same on every rank
         self.others = [r for r in uploaders if r != rank]
+        if self.several:
+            self._check_one_mirror()
         self._thread: threading.Thread | None = None
         self._step: int | None = None
         self._error: BaseException | None = None
         self._seconds: float | None = None
-        self._stop = threading.Event()
+        self._stop, self._others_done = threading.Event(), threading.Event()
         self._finished: tuple[int, float] | None = None
+
+    def _check_one_mirror(self) -> None:
+        """Every copying node must reach the same mirror (a local folder only on a disk they
+        share): rank 0 writes a token of a fresh random value, the others read it back."""
+        nonce = torch.tensor([random.SystemRandom().getrandbits(62) if self.rank == 0 else 0],
+                             dtype=torch.int64, device=self.device)
+        dist.broadcast(nonce, src=0)
+        token = storage.join(self.mirror, f".clipgs_mirror_check_{int(nonce.item())}")
+        failure = None
+        if self.rank == 0:
+            try:
+                storage.write_bytes(token, b"")
+            except StorageError as exc:
+                failure = str(exc)
+        dist.barrier()
+        if self.uploader and self.rank != 0 and failure is None:
+            try:
+                seen = storage.exists(token)
+            except StorageError as exc:
+                seen, failure = False, str(exc)
+            if not seen and failure is None:
+                failure = (f"checkpoint_mirror={self.mirror}: rank {self.rank} does not see "
+                           "what rank 0 wrote there; the mirror must be one folder or bucket "
+                           "that every node reaches (a local folder only on a disk they share)")
+        bad = torch.tensor([int(failure is not None)], device=self.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if self.rank == 0:
+            try:
+                storage.remove(token)
+            except Exception:  # noqa: BLE001 - a token left behind is harmless
+                pass
+        if failure is not None:
+            raise ConfigError(failure)
+        if bad.item():
+            raise ConfigError(f"checkpoint_mirror={self.mirror}: not every node can use it "
+                              "(the failing rank's log says why)")
+
+    def ensure(self, step: int) -> None:
+        """After a resume: copy the resumed checkpoint if the mirror lacks it (its copy failed,
+        or a kill cut it short), so no run ends with its checkpoint only on local disk."""
+        try:  # a mirror that cannot be listed now: copy it anyway (a failure is reported)
+            absent = self.rank == 0 and step not in complete_steps(self.mirror)
+        except StorageError:
+            absent = True
+        missing = torch.tensor([int(absent)], device=self.device)
+        dist.all_reduce(missing, op=dist.ReduceOp.MAX)
+        if missing.item():
+            log.warning("checkpoint %s is not complete in %s: copying it", tag_for(step),
+                        self.mirror)
+            self.start(step)
 
     def start(self, step: int) -> None:
         """After every rank's files and the local marker are written (a barrier)."""
+        assert self._thread is None and self._step is None, "a copy is still in flight"
         self._step, self._error, self._seconds = step, None, None
         self._stop.clear()
-        if self.rank == 0 and _list(storage.join(self.mirror, tag_for(step))):
-            _remove_tag(self.mirror, step)  # a copy of this step a kill cut short: its
-        if self.several:  # files (another rank count's shards) must not mix into this one
-            dist.barrier()
+        self._others_done.clear()
+        if self.several:  # the others copy only once rank 0 has cleared the step's folder
+            failed = None
+            if self.rank == 0:
+                try:
+                    self._remove_partial(step)
+                except StorageError as exc:
+                    failed = exc
+            bad = torch.tensor([int(failed is not None)], device=self.device)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if failed is not None:
+                raise failed
+            if bad.item():
+                raise StorageError(f"{storage.join(self.mirror, tag_for(step))}: rank 0 "
+                                   "cannot clear it in the mirror (its log says why)")
         if self.uploader:
             self._thread = threading.Thread(target=self._copy, args=(step,), daemon=True,
                                             name=f"clipgs-mirror-{tag_for(step)}")
@@ -324,28 +410,54 @@ class MirrorCopy:
         if not self.background:
             self.wait()
 
+    def _remove_partial(self, step: int) -> None:
+        """What a copy of this step that a kill cut short left (no marker): its files
+        (another rank count's shards, say) must not mix into this copy."""
+        files = _files(storage.join(self.mirror, tag_for(step)))
+        if files and not any(u.endswith("/" + MARKER) for u in files):
+            _remove_tag(self.mirror, step)
+
     def _copy(self, step: int) -> None:
         t0 = time.perf_counter()
         tag = tag_for(step)
         try:
+            if not self.several:
+                self._remove_partial(step)
             upload(self.ckpt_dir / tag, self.mirror, marker=False)
             if self.rank != 0:
                 storage.write_bytes(storage.join(self.mirror, tag, COPIED, f"rank{self.rank}"),
                                     b"")
                 return
-            copied = storage.join(self.mirror, tag, COPIED) + "/"
-            want = {f"rank{r}" for r in self.others}
-            while want and not self._stop.is_set():
-                want -= {u.rstrip("/").rsplit("/", 1)[-1] for u in _list(copied)}
-                if want:
-                    self._stop.wait(self.POLL_S)
-            if want:  # another node's copy failed: no marker, the mirror keeps its last one
-                return
+            if not self._others_copied(tag):
+                return  # another node's copy failed: no marker, the mirror keeps its last one
             upload(self.ckpt_dir / tag, self.mirror, marker=True)
-            prune_mirror(self.mirror, self.keep)
+            prune_mirror(self.mirror, self.keep, step)
             self._seconds = time.perf_counter() - t0
         except BaseException as exc:  # noqa: BLE001 - raised on every rank by wait()
             self._error = exc
+
+    def _others_copied(self, tag: str) -> bool:
+        """Rank 0: wait for every other copying node's object; False when one failed."""
+        copied = storage.join(self.mirror, tag, COPIED) + "/"
+        want, deadline = {f"rank{r}" for r in self.others}, None
+        while want:
+            try:  # a listing that fails now and then is tried again
+                want -= {u.rstrip("/").rsplit("/", 1)[-1] for u in storage.list_files(copied)}
+            except StorageError:
+                pass
+            if not want:
+                break
+            if self._stop.is_set():
+                return False
+            if self._others_done.is_set():  # their copies ended well: their objects are due
+                deadline = deadline or time.monotonic() + self.VISIBLE_S
+                if time.monotonic() > deadline:
+                    raise StorageError(
+                        f"{copied}: {', '.join(sorted(want))} copied their files, but rank 0 "
+                        f"has not seen them in the mirror for {self.VISIBLE_S:.0f} s; the "
+                        "mirror must be one folder or bucket that every node reaches")
+            self._stop.wait(self.POLL_S)
+        return True
 
     def wait(self) -> None:
         """Join the copy in flight (if any); collective."""
@@ -354,14 +466,13 @@ class MirrorCopy:
         step, self._step = self._step, None
         if self._thread is not None and self.rank != 0:
             self._thread.join()
-        # other nodes first: rank 0's thread waits for their files, so it must hear of a
-        # failure there before it is joined
+        # other nodes first: rank 0's thread waits for their objects, so it must hear how
+        # their copies ended before it is joined
         others = torch.tensor([int(self.rank != 0 and self._error is not None)],
                               device=self.device)
         dist.all_reduce(others, op=dist.ReduceOp.MAX)
         if self._thread is not None and self.rank == 0:
-            if others.item():
-                self._stop.set()
+            (self._stop if others.item() else self._others_done).set()
             self._thread.join()
         self._thread = None
         failed = torch.tensor([int(self._error is not None)], device=self.device)
@@ -371,13 +482,14 @@ class MirrorCopy:
             raise StorageError(
                 f"{where}: copying the checkpoint to the mirror failed "
                 f"({type(self._error).__name__}: {self._error}); the local checkpoint "
-                f"{self.ckpt_dir / tag_for(step)} is complete, so re-running the same command "
-                "resumes from it") from self._error
+                f"{self.ckpt_dir / tag_for(step)} is complete, and the next run of this "
+                "training resumes from the newest checkpoint every node can read, copying it "
+                "again") from self._error
         if failed.item():
             raise StorageError(
                 f"{where}: copying the checkpoint to the mirror failed on another node (its "
-                "log says why); the local checkpoints are complete, so re-running the same "
-                "command resumes from them")
+                "log says why); the next run of this training resumes from the newest "
+                "checkpoint every node can read, copying it again")
         if self._seconds is not None:  # rank 0: the marker is written
             self._finished = (step, self._seconds)
 
@@ -390,9 +502,8 @@ class MirrorCopy:
 def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, local_rank: int,
          keep: int, mirror: MirrorCopy | None = None) -> None:
     """DeepSpeed checkpoint + RNG states, then the marker (rank 0, after every rank is done);
-    then the copy to the mirror starts in the background (after the one before is done)."""
-    if mirror is not None:
-        mirror.wait()  # at most one copy in flight; a failed one stops the run here
+    then the copy before this one is joined (a failed one stops the run here, with this
+    checkpoint complete on local disk), and this one's copy starts in the background."""
     tag = tag_for(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state, save_latest=False)
     rng_file = ckpt_dir / tag / "rng" / f"rank{rank}.json"
@@ -403,27 +514,37 @@ def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, local_rank: 
         marker = dict(state, tag=tag, world_size=dist.get_world_size())
         storage.write_bytes(str(ckpt_dir / tag / MARKER), json.dumps(marker).encode())
     dist.barrier()
+    if mirror is not None:
+        mirror.wait()  # at most one copy in flight
     if local_rank == 0:
-        prune(ckpt_dir, keep)  # never the checkpoint just written, the one being copied
+        prune(ckpt_dir, keep, step)  # after the wait: never a checkpoint being copied
     if mirror is not None:
         mirror.start(step)
 
 
 def restore(engine, ckpt_dir: Path, rank: int, local_rank: int, mirror: str | None,
             fingerprint: str, teacher_sha256: str | None = None,
-            data_identity: str | None = None, zero_stage: int = 0) -> dict | None:
+            data_identity: str | None = None, zero_stage: int = 0,
+            mirror_only: bool = False) -> dict | None:
     """Load the newest complete checkpoint (local, else the mirror's) into the engine and this
     rank's RNGs; returns its marker (step, samples_seen, run_id, ...) or None to start fresh.
-    A checkpoint of another run (its ``fingerprint`` differs) is refused, not half-loaded."""
+    A checkpoint of another run (its ``fingerprint`` differs) is refused, not half-loaded.
+    ``mirror_only``: some node does not share rank 0's disk, so only the mirror's complete
+    checkpoints are on every node."""
     choice = [None]
     if rank == 0:
-        local = complete_steps(str(ckpt_dir))
-        remote = complete_steps(mirror) if mirror else []
-        best = max(local + remote, default=None)
-        choice = [None if best is None else (best, best not in local)]
+        try:
+            local = [] if mirror_only else complete_steps(str(ckpt_dir))
+            remote = complete_steps(mirror) if mirror else []
+            best = max(local + remote, default=None)
+            choice = [None if best is None else (best, best not in local)]
+        except StorageError as exc:  # every rank hears it, none waits for a choice
+            choice = [("error", str(exc))]
     dist.broadcast_object_list(choice, src=0)
     if choice[0] is None:
         return None
+    if choice[0][0] == "error":
+        raise StorageError(choice[0][1])
     step, from_mirror = choice[0]
     tag = tag_for(step)
     if local_rank == 0 and not (ckpt_dir / tag / MARKER).exists():

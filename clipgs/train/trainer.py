@@ -118,11 +118,16 @@ def run(config: TrainConfig) -> dict:
     fingerprint = run_fingerprint(config)
     data_identity = training_data_identity(manifest)
     marker = None
+    mirror = checkpoint.MirrorCopy(
+        config.checkpoint_mirror, ckpt_dir, rank, dist_info.local_rank,
+        config.keep_checkpoints, dist_info.device, config.checkpoint_mirror_background,
+    ) if config.checkpoint_mirror else None
     if config.resume:
         marker = checkpoint.restore(engine, ckpt_dir, rank, dist_info.local_rank,
                                     config.checkpoint_mirror, fingerprint,
                                     teacher_sha256=manifest["teacher"]["sha256"],
-                                    data_identity=data_identity, zero_stage=config.zero_stage)
+                                    data_identity=data_identity, zero_stage=config.zero_stage,
+                                    mirror_only=bool(mirror and mirror.several))
     else:
         checkpoint.clear(ckpt_dir, rank, dist_info.local_rank, config.checkpoint_mirror)
         if is_main:  # nor is the earlier run's model left to look like this run's
@@ -135,10 +140,8 @@ def run(config: TrainConfig) -> dict:
         # so the first two updates would run at LR 0 and the schedule one step late: start it
         # at iteration 1, so update k runs at iteration k (warm-up k/W, min_lr by the end)
         scheduler.step(1)
-    mirror = checkpoint.MirrorCopy(
-        config.checkpoint_mirror, ckpt_dir, rank, dist_info.local_rank,
-        config.keep_checkpoints, dist_info.device, config.checkpoint_mirror_background,
-    ) if config.checkpoint_mirror else None
+    if marker is not None and mirror is not None:  # a checkpoint whose copy failed or was
+        mirror.ensure(marker["step"])  # cut short is copied now (waited for below)
     start = marker["step"] if marker else 0
     seen = marker["samples_seen"] if marker else 0
     end = min(config.steps, config.stop_at or config.steps)
