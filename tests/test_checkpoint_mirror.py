@@ -156,17 +156,36 @@ def test_a_store_that_cannot_be_listed_is_an_error_not_no_checkpoints(s3_server)
     assert complete_steps(f"{s3_server}/empty") == []
 
 
-def test_a_node_without_markers_prunes_the_checkpoints_it_saved(tmp_path):
-    """Rank 0 writes the markers; a node that does not share its disk has none, so there the
-    steps saved up to now count (a later partial one, from another job, is left)."""
+def test_pruning_counts_what_this_job_saved_and_nothing_newer(tmp_path):
+    """A node that does not share rank 0's disk has markers only for what it downloaded: the
+    steps this job saved count too. A newer local checkpoint (left when a run went back to an
+    earlier step) is not counted, so it never pushes out the one just saved."""
     from clipgs.train.checkpoint import prune
 
-    for step in (2, 4, 6, 8):
-        _local_checkpoint(tmp_path, step, files=("zero_pp_rank_1_optim_states.pt",),
-                          marker=False)
-    prune(tmp_path, keep=2, step=6)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step0000004", "step0000006",
-                                                          "step0000008"]
+    _local_checkpoint(tmp_path, 100)  # downloaded from the mirror at the resume
+    for step in (200, 300, 400, 500):
+        _local_checkpoint(tmp_path, step, marker=False)
+    prune(tmp_path, keep=1, step=500, saved={200, 300, 400, 500})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step0000500"]
+    _local_checkpoint(tmp_path, 900)  # a newer one this run did not write
+    _local_checkpoint(tmp_path, 600, marker=False)
+    prune(tmp_path, keep=1, step=600, saved={200, 300, 400, 500, 600})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step0000600", "step0000900"]
+
+
+def test_a_copy_of_a_missing_folder_and_a_clear_that_fails_are_errors(tmp_path, one_rank,
+                                                                    s3_server):
+    """Never a "copy" of nothing that reports success; a resume=false that cannot clear the
+    mirror (a bucket that does not exist) is an error, not a run a later resume could mix
+    up with the earlier one's checkpoints."""
+    from clipgs.train.checkpoint import clear, upload
+
+    with pytest.raises(StorageError, match="step0000007: no such checkpoint folder to copy"):
+        upload(tmp_path / "step0000007", str(tmp_path / "mirror"), marker=False)
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(StorageError, match=r"s3://no-such-bucket/ckpt: cannot remove the "
+                       r"earlier run's checkpoints there \(.*cannot list"):
+        clear(tmp_path / "checkpoints", 0, 0, "s3://no-such-bucket/ckpt")
 
 
 # ---- two nodes: the marker once both nodes' files are there; a failure on one node -------
@@ -231,6 +250,7 @@ def _two_nodes_worker(rank: int, init: str, root: str, mode: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["ok", "fail", "fail0", "invisible", "unshared"])
 def test_two_nodes_the_marker_waits_for_both_and_a_failure_reaches_both(tmp_path, mode):
     """ok: rank 0 writes no marker while node 1's copy is held back, then one once node 1's
@@ -281,5 +301,5 @@ def test_two_nodes_the_marker_waits_for_both_and_a_failure_reaches_both(tmp_path
         assert other["error"] == (f"{tag}: copying the checkpoint to the mirror failed on "
                                   "another node (its log says why); the next run of this "
                                   "training resumes from the newest checkpoint every node can "
-                                  "read, copying it again")
+                                  "read (copying it to the mirror if it is not there)")
         assert complete_steps(str(mirror)) == []  # a node's files are missing: no marker

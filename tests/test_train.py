@@ -305,6 +305,35 @@ def test_zero2_offload_deepspeed_launcher_then_torchrun_two_nodes(tiny_dataset, 
 
 
 @pytest.mark.slow
+def test_two_nodes_with_their_own_disks_copy_to_one_mirror_and_resume_from_it(tiny_dataset,
+                                                                             tmp_path):
+    """Each node its own output_dir (its own disk): each copies its rank's shards, rank 0
+    writes the marker once node 1's .clipgs_copied object is there, and job 2 resumes from
+    the mirror's checkpoint (node 1 has no marker of its own), ending as an uninterrupted
+    run would."""
+    from clipgs.train.checkpoint import COPIED, MARKER, complete_steps
+
+    db, mirror = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "mirror"
+    outs = [tmp_path / "node0", tmp_path / "node1"]
+    common = [f"data={tiny_dataset}", "zero_stage=1", f"tracking.tracking_uri={db}",
+              f"checkpoint_mirror={mirror}", *TINY]
+    for job in ([*common, "stop_at=2"], common):
+        port = free_port()
+        _run_nodes([[sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                     "--nproc_per_node=1", f"--node_rank={n}", "--master_addr=127.0.0.1",
+                     f"--master_port={port}", "-m", "clipgs.train.trainer",
+                     f"output_dir={outs[n]}", *job] for n in (0, 1)])
+    check_resumed(outs[0], db, [f"output_dir={outs[0]}", *common])
+    assert complete_steps(str(mirror)) == [2, 4]
+    for step in ("step0000002", "step0000004"):
+        assert (mirror / step / COPIED / "rank1").exists()
+        shards = sorted(p.name for p in (mirror / step).glob("*optim_states.pt"))
+        assert len(shards) == 2 and "rank_0" in shards[0] and "rank_1" in shards[1], shards
+    assert not (outs[1] / "checkpoints" / "step0000004" / MARKER).exists()  # rank 0's only
+    assert (outs[1] / "checkpoints" / "step0000002" / MARKER).exists()  # fetched for job 2
+
+
+@pytest.mark.slow
 def test_zero3_from_s3_resumes_from_the_mirror(tiny_dataset, tmp_path, s3_server):
     """Shards streamed from S3, checkpoints mirrored to S3; the local checkpoints are wiped
     between the jobs (a new node), so job 2 resumes from the mirror. The exported package is

@@ -14,8 +14,8 @@ nodes, ``.clipgs_copied/rank<r>``: node r's files are all there).
 
 The copy to the mirror runs in a background thread (``MirrorCopy``): the step goes on once the
 local checkpoint is complete, and the mirror's marker is written when every node's copy is done.
-The next checkpoint, and the end of the job, wait for it first, so at most one copy is in flight
-and a job never ends before its last checkpoint is in the mirror.
+The next checkpoint (once written locally) and the end of the job wait for it, so at most one
+copy is in flight and a job never ends before its last checkpoint is in the mirror.
 """
 
 from __future__ import annotations
@@ -131,17 +131,24 @@ def _copy_to(path: Path, url: str) -> None:
 
 def _copy_from(url: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    if storage.is_s3(url):
-        bucket, key = storage._split(url)
-        storage.s3_client().download_file(bucket, key, str(tmp))
-    else:
-        shutil.copyfile(url.removeprefix("file://"), tmp)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)  # a name of its own: nodes sharing a disk may fetch the same file at once
+    try:
+        if storage.is_s3(url):
+            bucket, key = storage._split(url)
+            storage.s3_client().download_file(bucket, key, tmp)
+        else:
+            shutil.copyfile(storage.local_path(url), tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def upload(local_tag_dir: Path, mirror: str, marker: bool) -> None:
     """Copy a checkpoint folder to the mirror; the marker only when ``marker`` (last)."""
+    if not local_tag_dir.is_dir():  # never a "copy" of nothing that reports success
+        raise StorageError(f"{local_tag_dir}: no such checkpoint folder to copy")
     for path in sorted(local_tag_dir.rglob("*")):
         if path.is_file() and (path.name == MARKER) == marker:
             rel = path.relative_to(local_tag_dir.parent).as_posix()
@@ -160,15 +167,15 @@ def download(mirror: str, tag: str, ckpt_dir: Path) -> None:
         _copy_from(url, ckpt_dir / tag / rel)
 
 
-def prune(ckpt_dir: Path, keep: int, step: int | None = None) -> None:
-    """Keep the newest ``keep`` complete checkpoints; older ones (and older partial ones) go.
-    A node that does not share rank 0's disk holds no markers (rank 0 writes them): there
-    the checkpoints this job saved up to ``step`` count as complete (every rank's files were
-    written before the barrier that precedes pruning)."""
-    steps = complete_steps(str(ckpt_dir))
-    if not steps and step is not None and ckpt_dir.is_dir():
-        steps = sorted(s for s in map(_step_of, (p.name for p in ckpt_dir.iterdir()))
-                       if s is not None and s <= step)
+def prune(ckpt_dir: Path, keep: int, step: int | None = None,
+          saved: set[int] | None = None) -> None:
+    """Keep the newest ``keep`` complete checkpoints up to ``step`` (the one just saved);
+    older ones (and older partial ones) go, newer ones (left by a run that resumed from an
+    earlier step) are not counted. ``saved``: the steps this job saved, complete here even
+    without a marker (rank 0 writes the markers, so a node that does not share its disk has
+    none but those it downloaded)."""
+    steps = set(complete_steps(str(ckpt_dir))) | (saved or set())
+    steps = sorted(s for s in steps if step is None or s <= step)
     if len(steps) <= keep:
         return
     oldest_kept = steps[-keep]
@@ -279,10 +286,14 @@ def _shares_disk_with_rank0(ckpt_dir: Path, rank: int, device: torch.device) -> 
                          dtype=torch.int64, device=device)
     dist.broadcast(nonce, src=0)
     token = ckpt_dir / ".clipgs_disk_check"
+    failure = None
     if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        token.write_text(str(int(nonce.item())))
-    dist.barrier()
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            token.write_text(str(int(nonce.item())))
+        except OSError as exc:
+            failure = exc
+    _raise_together(failure, "rank 0 cannot write its checkpoint folder", device)
     try:
         shared = rank != 0 and token.read_text() == str(int(nonce.item()))
     except OSError:
@@ -291,6 +302,24 @@ def _shares_disk_with_rank0(ckpt_dir: Path, rank: int, device: torch.device) -> 
     if rank == 0:
         token.unlink(missing_ok=True)
     return shared
+
+
+def _device() -> torch.device:
+    """Where a collective's tensors live: NCCL takes them only on this rank's GPU."""
+    return torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _raise_together(failure: BaseException | None, elsewhere: str,
+                    device: torch.device) -> None:
+    """A collective: every rank raises if any rank failed (its own error, or ``elsewhere``
+    as a ``StorageError``), so none waits in a collective that a failed rank never enters."""
+    bad = torch.tensor([int(failure is not None)], device=device)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if failure is not None:
+        raise failure
+    if bad.item():
+        raise StorageError(f"{elsewhere} (that rank's log says why)")
 
 
 class MirrorCopy:
@@ -344,14 +373,14 @@ class MirrorCopy:
         if self.rank == 0:
             try:
                 storage.write_bytes(token, b"")
-            except StorageError as exc:
-                failure = str(exc)
+            except Exception as exc:  # noqa: BLE001 - told to every rank below
+                failure = f"checkpoint_mirror={self.mirror}: rank 0 cannot write there ({exc})"
         dist.barrier()
         if self.uploader and self.rank != 0 and failure is None:
             try:
                 seen = storage.exists(token)
-            except StorageError as exc:
-                seen, failure = False, str(exc)
+            except Exception as exc:  # noqa: BLE001 - told to every rank below
+                seen, failure = False, f"checkpoint_mirror={self.mirror}: {exc}"
             if not seen and failure is None:
                 failure = (f"checkpoint_mirror={self.mirror}: rank {self.rank} does not see "
                            "what rank 0 wrote there; the mirror must be one folder or bucket "
@@ -394,15 +423,15 @@ class MirrorCopy:
             if self.rank == 0:
                 try:
                     self._remove_partial(step)
-                except StorageError as exc:
-                    failed = exc
-            bad = torch.tensor([int(failed is not None)], device=self.device)
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            if failed is not None:
-                raise failed
-            if bad.item():
-                raise StorageError(f"{storage.join(self.mirror, tag_for(step))}: rank 0 "
-                                   "cannot clear it in the mirror (its log says why)")
+                except Exception as exc:  # noqa: BLE001 - raised on every rank just below
+                    failed = StorageError(f"{storage.join(self.mirror, tag_for(step))}: "
+                                          f"cannot clear a cut-short copy there ({exc})")
+            try:
+                _raise_together(failed, f"{storage.join(self.mirror, tag_for(step))}: rank 0 "
+                                "cannot clear a cut-short copy there", self.device)
+            except BaseException:
+                self._step = None  # nothing in flight
+                raise
         if self.uploader:
             self._thread = threading.Thread(target=self._copy, args=(step,), daemon=True,
                                             name=f"clipgs-mirror-{tag_for(step)}")
@@ -431,15 +460,19 @@ class MirrorCopy:
             if not self._others_copied(tag):
                 return  # another node's copy failed: no marker, the mirror keeps its last one
             upload(self.ckpt_dir / tag, self.mirror, marker=True)
-            prune_mirror(self.mirror, self.keep, step)
-            self._seconds = time.perf_counter() - t0
+            self._seconds = time.perf_counter() - t0  # complete in the mirror from here on
+            try:
+                prune_mirror(self.mirror, self.keep, step)
+            except Exception as exc:  # noqa: BLE001 - the copy is whole; pruning is retried
+                log.warning("%s: pruning older checkpoints failed (%s); the next copy tries "
+                            "again", self.mirror, exc)
         except BaseException as exc:  # noqa: BLE001 - raised on every rank by wait()
             self._error = exc
 
     def _others_copied(self, tag: str) -> bool:
         """Rank 0: wait for every other copying node's object; False when one failed."""
         copied = storage.join(self.mirror, tag, COPIED) + "/"
-        want, deadline = {f"rank{r}" for r in self.others}, None
+        want, deadline, poll = {f"rank{r}" for r in self.others}, None, self.POLL_S
         while want:
             try:  # a listing that fails now and then is tried again
                 want -= {u.rstrip("/").rsplit("/", 1)[-1] for u in storage.list_files(copied)}
@@ -456,7 +489,8 @@ class MirrorCopy:
                         f"{copied}: {', '.join(sorted(want))} copied their files, but rank 0 "
                         f"has not seen them in the mirror for {self.VISIBLE_S:.0f} s; the "
                         "mirror must be one folder or bucket that every node reaches")
-            self._stop.wait(self.POLL_S)
+            self._stop.wait(poll)
+            poll = min(2.0, poll * 1.5)  # a LIST a request: fewer while a long copy runs
         return True
 
     def wait(self) -> None:
@@ -483,13 +517,14 @@ class MirrorCopy:
                 f"{where}: copying the checkpoint to the mirror failed "
                 f"({type(self._error).__name__}: {self._error}); the local checkpoint "
                 f"{self.ckpt_dir / tag_for(step)} is complete, and the next run of this "
-                "training resumes from the newest checkpoint every node can read, copying it "
-                "again") from self._error
+                "training resumes from the newest checkpoint every node can read (copying it "
+                "to the mirror if it is not there)") from self._error
         if failed.item():
             raise StorageError(
                 f"{where}: copying the checkpoint to the mirror failed on another node (its "
                 "log says why); the next run of this training resumes from the newest "
-                "checkpoint every node can read, copying it again")
+                "checkpoint every node can read (copying it to the mirror if it is not "
+                "there)")
         if self._seconds is not None:  # rank 0: the marker is written
             self._finished = (step, self._seconds)
 
@@ -500,7 +535,7 @@ class MirrorCopy:
 
 
 def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, local_rank: int,
-         keep: int, mirror: MirrorCopy | None = None) -> None:
+         keep: int, mirror: MirrorCopy | None = None, saved: set[int] | None = None) -> None:
     """DeepSpeed checkpoint + RNG states, then the marker (rank 0, after every rank is done);
     then the copy before this one is joined (a failed one stops the run here, with this
     checkpoint complete on local disk), and this one's copy starts in the background."""
@@ -516,8 +551,10 @@ def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, local_rank: 
     dist.barrier()
     if mirror is not None:
         mirror.wait()  # at most one copy in flight
+    saved = saved if saved is not None else set()
+    saved.add(step)
     if local_rank == 0:
-        prune(ckpt_dir, keep, step)  # after the wait: never a checkpoint being copied
+        prune(ckpt_dir, keep, step, saved)  # after the wait: never a checkpoint being copied
     if mirror is not None:
         mirror.start(step)
 
@@ -545,15 +582,26 @@ def restore(engine, ckpt_dir: Path, rank: int, local_rank: int, mirror: str | No
         return None
     if choice[0][0] == "error":
         raise StorageError(choice[0][1])
-    step, from_mirror = choice[0]
+    step, _ = choice[0]
     tag = tag_for(step)
-    if local_rank == 0 and not (ckpt_dir / tag / MARKER).exists():
-        if not mirror:
-            raise StorageError(f"{ckpt_dir / tag}: checkpoint missing on this node and no "
-                               "checkpoint_mirror to fetch it from")
-        log.warning("fetching checkpoint %s from %s", tag, mirror)
-        download(mirror, tag, ckpt_dir)
-    dist.barrier()
+    failure, from_mirror = None, False
+    if local_rank == 0:
+        try:
+            if mirror_only and ckpt_dir.is_dir():  # newer local ones are not on every node:
+                for path in ckpt_dir.iterdir():  # this run goes on from `step` and writes them
+                    if (_step_of(path.name) or 0) > step:  # again
+                        shutil.rmtree(path, ignore_errors=True)
+            if not (ckpt_dir / tag / MARKER).exists():
+                if not mirror:
+                    raise StorageError(f"{ckpt_dir / tag}: checkpoint missing on this node "
+                                       "and no checkpoint_mirror to fetch it from")
+                log.warning("fetching checkpoint %s from %s", tag, mirror)
+                download(mirror, tag, ckpt_dir)
+                from_mirror = True
+        except Exception as exc:  # noqa: BLE001 - every rank raises together below
+            failure = exc
+    _raise_together(failure, f"{ckpt_dir / tag}: a node could not get the checkpoint",
+                    _device())
     marker = json.loads((ckpt_dir / tag / MARKER).read_text())
     if teacher_sha256 and marker.get("teacher_sha256", teacher_sha256) != teacher_sha256:
         raise TeacherMismatchError(
@@ -596,10 +644,16 @@ def clear(ckpt_dir: Path, rank: int, local_rank: int, mirror: str | None) -> Non
     later resume can never pick one of them up."""
     if local_rank == 0 and ckpt_dir.exists():
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+    failure = None
     if mirror and rank == 0:  # partial ones too: a new copy of the same step would mix in
-        for step in _mirror_steps(mirror):  # their files (other ranks' shards)
-            _remove_tag(mirror, step)
-    dist.barrier()
+        try:  # their files (other ranks' shards)
+            for step in _mirror_steps(mirror):
+                _remove_tag(mirror, step)
+        except Exception as exc:  # noqa: BLE001 - every rank raises together below
+            failure = StorageError(f"{mirror}: cannot remove the earlier run's checkpoints "
+                                   f"there ({exc})")
+    _raise_together(failure, f"{mirror}: rank 0 cannot remove the earlier run's checkpoints",
+                    _device())
 
 
 def export_fp32(engine) -> dict[str, torch.Tensor]:

@@ -102,6 +102,14 @@ def run(config: TrainConfig) -> dict:
     out_dir = Path(config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     embed_dim = config.model.embed_dim or manifest["embed_dim"]
+    ckpt_dir = out_dir / "checkpoints"
+    mirror = checkpoint.MirrorCopy(
+        config.checkpoint_mirror, ckpt_dir, rank, dist_info.local_rank,
+        config.keep_checkpoints, dist_info.device, config.checkpoint_mirror_background,
+    ) if config.checkpoint_mirror else None
+    if mirror is not None and mirror.several and config.resume:  # only the mirror's
+        newest = distributed.on_rank0(lambda: max(checkpoint.complete_steps(  # are on
+            config.checkpoint_mirror), default=0), dist_info)  # every node
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     module = TrainModule(config, embed_dim, init=not newest)  # a resume loads its own
     on_gpu = dist_info.device.type == "cuda"
@@ -114,14 +122,9 @@ def run(config: TrainConfig) -> dict:
         config=ds_config)
 
     # resume: model, optimizer, LR schedule, RNGs; the data position is the step
-    ckpt_dir = out_dir / "checkpoints"
     fingerprint = run_fingerprint(config)
     data_identity = training_data_identity(manifest)
     marker = None
-    mirror = checkpoint.MirrorCopy(
-        config.checkpoint_mirror, ckpt_dir, rank, dist_info.local_rank,
-        config.keep_checkpoints, dist_info.device, config.checkpoint_mirror_background,
-    ) if config.checkpoint_mirror else None
     if config.resume:
         marker = checkpoint.restore(engine, ckpt_dir, rank, dist_info.local_rank,
                                     config.checkpoint_mirror, fingerprint,
@@ -143,6 +146,7 @@ def run(config: TrainConfig) -> dict:
     if marker is not None and mirror is not None:  # a checkpoint whose copy failed or was
         mirror.ensure(marker["step"])  # cut short is copied now (waited for below)
     start = marker["step"] if marker else 0
+    saved: set[int] = set()  # the checkpoints this job wrote (pruning on nodes without markers)
     seen = marker["samples_seen"] if marker else 0
     end = min(config.steps, config.stop_at or config.steps)
 
@@ -192,7 +196,7 @@ def run(config: TrainConfig) -> dict:
                     "step": step, "samples_seen": seen, "fingerprint": fingerprint,
                     "teacher_sha256": manifest["teacher"]["sha256"], "data_identity": data_identity,
                     "run_id": tracker.run_id if tracker else None},
-                    rank, dist_info.local_rank, config.keep_checkpoints, mirror)
+                    rank, dist_info.local_rank, config.keep_checkpoints, mirror, saved)
                 if is_main:  # how long training stood still for it, a wait for the copy
                     # before included
                     tracker.log({"checkpoint_s": time.perf_counter() - t}, step)
