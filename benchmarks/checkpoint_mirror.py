@@ -63,6 +63,7 @@ def run(args) -> None:
     from clipgs.data import storage
     from clipgs.train import checkpoint, distributed
     from clipgs.train.engine import deepspeed_config, param_groups
+    from clipgs.train.mirror import MirrorCopy
     from clipgs.train.trainer import TrainModule
 
     cfg = load_config(TrainConfig, None, ["micro_batch=8", "zero_stage=1",
@@ -94,8 +95,8 @@ def run(args) -> None:
             for background in (False, True):
                 ckpt = Path(tmp) / f"r{r}-{int(background)}"
                 mirror = f"s3://bench/r{r}-{int(background)}"
-                copy = checkpoint.MirrorCopy(mirror, ckpt, 0, 0, keep=2, device=info.device,
-                                             background=background)
+                copy = MirrorCopy(mirror, ckpt, 0, 0, keep=2, device=info.device,
+                                  background=background)
                 stall, t0 = 0.0, time.perf_counter()
                 for c in range(1, args.checkpoints + 1):
                     for _ in range(args.steps_between):

@@ -1,4 +1,4 @@
-"""The copy of checkpoints to the mirror (``checkpoint.MirrorCopy``): in the background while
+"""The copy of checkpoints to the mirror (``mirror.MirrorCopy``): in the background while
 training goes on, its marker last and only once every node's files are there, a failure on
 any node an error on every rank, and the mirror pruned to its own newest complete ones.
 
@@ -17,7 +17,8 @@ import torch.distributed as dist
 from clipgs.data import storage
 from clipgs.errors import ConfigError, StorageError
 from clipgs.train import checkpoint
-from clipgs.train.checkpoint import COPIED, MARKER, MirrorCopy, complete_steps, prune_mirror
+from clipgs.train.checkpoint import COPIED, MARKER, complete_steps
+from clipgs.train.mirror import MirrorCopy, prune_mirror
 from tests.conftest import free_port
 
 

@@ -30,6 +30,7 @@ from clipgs.errors import ClipgsError, ConfigError, StorageError
 from clipgs.models.encoder import build_encoder
 from clipgs.models.package import save_package
 from clipgs.train import checkpoint, distributed
+from clipgs.train.mirror import MirrorCopy
 from clipgs.train.engine import (bf16_buffers, checkpoint_blocks, deepspeed_config,
                                  param_groups, use_bf16)
 from clipgs.train.loss import ClipGSLoss, capped_log_scale
@@ -103,7 +104,7 @@ def run(config: TrainConfig) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     embed_dim = config.model.embed_dim or manifest["embed_dim"]
     ckpt_dir = out_dir / "checkpoints"
-    mirror = checkpoint.MirrorCopy(
+    mirror = MirrorCopy(
         config.checkpoint_mirror, ckpt_dir, rank, dist_info.local_rank,
         config.keep_checkpoints, dist_info.device, config.checkpoint_mirror_background,
     ) if config.checkpoint_mirror else None
@@ -240,7 +241,7 @@ def run(config: TrainConfig) -> dict:
     return result
 
 
-def _log_copy(tracker: Tracker, mirror: checkpoint.MirrorCopy | None) -> None:
+def _log_copy(tracker: Tracker, mirror: MirrorCopy | None) -> None:
     """The mirror copy's own wall time, at the step it copied."""
     finished = mirror.pop_finished() if mirror else None
     if finished:
