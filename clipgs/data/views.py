@@ -118,17 +118,27 @@ def render(points: np.ndarray | torch.Tensor, rotation: torch.Tensor, size: int 
     depth_rank = torch.empty_like(depth, dtype=torch.long)
     depth_rank[torch.argsort(depth)] = torch.arange(len(depth))
     order = torch.argsort(pix * len(p) + depth_rank[gidx])
-    pix, alpha, gidx = pix[order], alpha[order], gidx[order]
-    log_t = torch.log1p(-alpha)
+    pix, gidx = pix[order], gidx[order]
+    return composite(pix, alpha[order], rgb[gidx], size, background)
+
+
+def composite(pix: torch.Tensor, alpha: torch.Tensor, colour: torch.Tensor, size: int,
+              background: float = 1.0) -> torch.Tensor:
+    """Front-to-back alpha compositing of fragments sorted by pixel, then depth, in one pass:
+    each fragment's weight is its alpha times the transmittance of the fragments in front of it,
+    exp(sum of log(1 - alpha)), from one cumulative sum over all fragments minus its pixel's
+    start. That sum runs over every fragment of the image (a million at 224 px), so it is
+    taken in float64: in float32 its rounding error grew with the running total and put whole
+    pixels off by up to 22/255 at 224 px (1/255 to 3/255 at 64 px). Returns [size, size, 3]."""
+    log_t = torch.log1p(-alpha.double())
     exclusive = torch.cumsum(log_t, 0) - log_t
     starts = torch.ones_like(pix, dtype=torch.bool)
     starts[1:] = pix[1:] != pix[:-1]
     seg = torch.cumsum(starts.long(), 0) - 1
-    seg_base = exclusive[starts][seg]
-    weight = alpha * torch.exp(exclusive - seg_base)
+    weight = (alpha * torch.exp(exclusive - exclusive[starts][seg])).float()
 
     image = torch.zeros(size * size, 3)
-    image.index_add_(0, pix, weight[:, None] * rgb[gidx])
+    image.index_add_(0, pix, weight[:, None] * colour)
     coverage = torch.zeros(size * size).index_add_(0, pix, weight)
     image += (1.0 - coverage).clamp(0, 1)[:, None] * background
     return image.reshape(size, size, 3).clamp(0, 1)
