@@ -22,7 +22,7 @@ from clipgs.models.teacher import Teacher
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "shapes" / \
     "modelnet10.npz"
-# 3: views composited in float64 (stop 32: float32 left 5% of pixels 1-2/255 off at 64 px);
+# 3: views composited in float64 (stop 32: float32 left 0.4% of these pixels 1/255 off);
 # 2: voxel gaussians shaped and oriented by the surface around them (stop 19); 1: round ones
 CACHE_VERSION = 3
 

@@ -68,14 +68,16 @@ def quaternion_matrix(q: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def render(points: np.ndarray | torch.Tensor, rotation: torch.Tensor, size: int = 64,
-           background: float = 1.0, max_radius: int | None = None) -> torch.Tensor:
+           background: float = 1.0, max_radius: int | None = None,
+           accumulate: torch.dtype = torch.float64) -> torch.Tensor:
     """Render activated gaussians [N, 14] (normalised to the unit ball) from one camera.
 
     Each gaussian's 3D covariance R S S^T R^T is projected to the image (EWA splatting under an
     orthographic camera, plus 3DGS's 0.3 px^2 low-pass), so flat splats look flat. Footprints
     are cut at ``max_radius`` pixels, and a splat wider than that is narrowed to fit; by
     default it grows with the image (4 px at 64 px, 14 at 224) - a fixed 4 px thinned every
-    splat of an object at CLIP's 224 px to speckles. Returns an image [size, size, 3] in [0, 1].
+    splat of an object at CLIP's 224 px to speckles. ``accumulate``: see :func:`composite`.
+    Returns an image [size, size, 3] in [0, 1].
     """
     if max_radius is None:
         max_radius = max(4, round(4 * size / 64))
@@ -119,24 +121,25 @@ def render(points: np.ndarray | torch.Tensor, rotation: torch.Tensor, size: int 
     depth_rank[torch.argsort(depth)] = torch.arange(len(depth))
     order = torch.argsort(pix * len(p) + depth_rank[gidx])
     pix, gidx = pix[order], gidx[order]
-    return composite(pix, alpha[order], rgb[gidx], size, background)
+    return composite(pix, alpha[order], rgb[gidx], size, background, accumulate)
 
 
 def composite(pix: torch.Tensor, alpha: torch.Tensor, colour: torch.Tensor, size: int,
-              background: float = 1.0) -> torch.Tensor:
+              background: float = 1.0, accumulate: torch.dtype = torch.float64) -> torch.Tensor:
     """Front-to-back alpha compositing of fragments sorted by pixel, then depth, in one pass:
     each fragment's weight is its alpha times the transmittance of the fragments in front of it,
     exp(sum of log(1 - alpha)), from one cumulative sum over all fragments minus its pixel's
     start. That sum runs over every fragment of the image (4.3 million in a 224 px view of the
-    shared donut), so it is taken in float64: in float32 its rounding error grew with the
-    running total and put pixels of the donut off by up to 22/255 at 224 px (3/255 at 64 px).
-    Returns [size, size, 3]."""
-    log_t = torch.log1p(-alpha.double())
-    exclusive = torch.cumsum(log_t, 0) - log_t
+    shared donut), so it is taken in float64 (``accumulate``): in float32, the renderer before
+    stop 32 and the anchor of ``benchmarks.compositing``, its rounding error grew with the
+    running total and left pixels several levels of 255 off. Returns [size, size, 3]."""
+    log_t = torch.log1p(-alpha)
+    exclusive = torch.cumsum(log_t, 0, dtype=accumulate) - log_t
     starts = torch.ones_like(pix, dtype=torch.bool)
     starts[1:] = pix[1:] != pix[:-1]
     seg = torch.cumsum(starts.long(), 0) - 1
-    weight = (alpha * torch.exp(exclusive - exclusive[starts][seg])).float()
+    # within a pixel the sum is small again: the rest runs in float32
+    weight = alpha * torch.exp((exclusive - exclusive[starts][seg]).float())
 
     image = torch.zeros(size * size, 3)
     image.index_add_(0, pix, weight[:, None] * colour)
