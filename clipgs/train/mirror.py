@@ -57,7 +57,6 @@ def _shares_disk_with_rank0(ckpt_dir: Path, rank: int, device: torch.device) -> 
     return shared
 
 
-
 class MirrorCopy:
     """Copies each complete checkpoint to the mirror in the background (collective: every rank
     makes one, and calls ``start``, ``wait`` and ``ensure`` at the same points).
