@@ -275,16 +275,16 @@ def _device() -> torch.device:
         if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def _raise_together(failure: BaseException | None, elsewhere: str,
-                    device: torch.device) -> None:
+def _raise_together(failure: BaseException | None, elsewhere: str, device: torch.device,
+                    error: type[Exception] = StorageError) -> None:
     """A collective: every rank raises if any rank failed (its own error, or ``elsewhere``
-    as a ``StorageError``), so none waits in a collective that a failed rank never enters."""
+    as an ``error``), so none waits in a collective that a failed rank never enters."""
     bad = torch.tensor([int(failure is not None)], device=device)
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if failure is not None:
         raise failure
     if bad.item():
-        raise StorageError(f"{elsewhere} (that rank's log says why)")
+        raise error(f"{elsewhere} (the failing rank's log says why)")
 
 
 def save(engine, ckpt_dir: Path, step: int, state: dict, rank: int, local_rank: int,
@@ -327,15 +327,15 @@ def restore(engine, ckpt_dir: Path, rank: int, local_rank: int, mirror: str | No
             local = [] if mirror_only else complete_steps(str(ckpt_dir))
             remote = complete_steps(mirror) if mirror else []
             best = max(local + remote, default=None)
-            choice = [None if best is None else (best, best not in local)]
+            choice = [best]
         except StorageError as exc:  # every rank hears it, none waits for a choice
             choice = [("error", str(exc))]
     dist.broadcast_object_list(choice, src=0)
     if choice[0] is None:
         return None
-    if choice[0][0] == "error":
+    if isinstance(choice[0], tuple):
         raise StorageError(choice[0][1])
-    step, _ = choice[0]
+    step = choice[0]
     tag = tag_for(step)
     failure, from_mirror = None, False
     if local_rank == 0:

@@ -31,24 +31,31 @@ def prune_mirror(mirror: str, keep: int, step: int) -> None:
                 _remove_tag(mirror, old)
 
 
+def _fresh_nonce(rank: int, device: torch.device) -> int:
+    """Rank 0's fresh random value, on every rank (collective): a token that holds it is this
+    run's, never a stale one from an earlier run."""
+    nonce = torch.tensor([random.SystemRandom().getrandbits(62) if rank == 0 else 0],
+                         dtype=torch.int64, device=device)
+    dist.broadcast(nonce, src=0)
+    return int(nonce.item())
+
+
 def _shares_disk_with_rank0(ckpt_dir: Path, rank: int, device: torch.device) -> bool:
     """Whether this rank sees rank 0's checkpoint folder (a shared file system): then rank 0
     copies every file, and the other nodes copy nothing twice. Collective. A token with a
     fresh random value, so a stale one from an earlier run never counts."""
-    nonce = torch.tensor([random.SystemRandom().getrandbits(62) if rank == 0 else 0],
-                         dtype=torch.int64, device=device)
-    dist.broadcast(nonce, src=0)
+    nonce = _fresh_nonce(rank, device)
     token = ckpt_dir / ".clipgs_disk_check"
     failure = None
     if rank == 0:
         try:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
-            token.write_text(str(int(nonce.item())))
+            token.write_text(str(nonce))
         except OSError as exc:
             failure = exc
     _raise_together(failure, "rank 0 cannot write its checkpoint folder", device)
     try:
-        shared = rank != 0 and token.read_text() == str(int(nonce.item()))
+        shared = rank != 0 and token.read_text() == str(nonce)
     except OSError:
         shared = False
     dist.barrier()
@@ -100,10 +107,8 @@ class MirrorCopy:
     def _check_one_mirror(self) -> None:
         """Every copying node must reach the same mirror (a local folder only on a disk they
         share): rank 0 writes a token of a fresh random value, the others read it back."""
-        nonce = torch.tensor([random.SystemRandom().getrandbits(62) if self.rank == 0 else 0],
-                             dtype=torch.int64, device=self.device)
-        dist.broadcast(nonce, src=0)
-        token = storage.join(self.mirror, f".clipgs_mirror_check_{int(nonce.item())}")
+        token = storage.join(self.mirror,
+                             f".clipgs_mirror_check_{_fresh_nonce(self.rank, self.device)}")
         failure = None
         if self.rank == 0:
             try:
@@ -120,18 +125,16 @@ class MirrorCopy:
                 failure = (f"checkpoint_mirror={self.mirror}: rank {self.rank} does not see "
                            "what rank 0 wrote there; the mirror must be one folder or bucket "
                            "that every node reaches (a local folder only on a disk they share)")
-        bad = torch.tensor([int(failure is not None)], device=self.device)
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if self.rank == 0:
-            try:
-                storage.remove(token)
-            except Exception:  # noqa: BLE001 - a token left behind is harmless
-                pass
-        if failure is not None:
-            raise ConfigError(failure)
-        if bad.item():
-            raise ConfigError(f"checkpoint_mirror={self.mirror}: not every node can use it "
-                              "(the failing rank's log says why)")
+        try:
+            _raise_together(None if failure is None else ConfigError(failure),
+                            f"checkpoint_mirror={self.mirror}: not every node can use it",
+                            self.device, ConfigError)
+        finally:  # after every rank has looked (the collective above)
+            if self.rank == 0:
+                try:
+                    storage.remove(token)
+                except Exception:  # noqa: BLE001 - a token left behind is harmless
+                    pass
 
     def ensure(self, step: int) -> None:
         """After a resume: copy the resumed checkpoint if the mirror lacks it (its copy failed,
