@@ -160,3 +160,17 @@ def test_one_object_in_s3_is_read_with_its_sidecars(s3_server):
     put("both/sub/x.splat")
     assert storage.list_stats(f"{s3_server}/up/both", recursive=False) == {}
 
+
+def test_a_local_write_appears_whole_or_not_at_all(tmp_path):
+    """storage.atomic_file (behind write_bytes and the checkpoint copies): a block that fails
+    leaves neither the file nor its temporary; one that ends well leaves the file readable by
+    others, as a plain open() would (mkstemp alone makes it owner-only)."""
+    path = tmp_path / "sub" / "obj.bin"
+    with pytest.raises(OSError, match="disk full"):
+        with storage.atomic_file(path) as f:
+            f.write(b"half")
+            raise OSError("disk full")
+    assert list(path.parent.iterdir()) == []
+    storage.write_bytes(str(path), b"whole")
+    assert path.read_bytes() == b"whole" and list(path.parent.iterdir()) == [path]
+    assert path.stat().st_mode & 0o777 == 0o666 & ~storage._UMASK

@@ -5,12 +5,15 @@ a local file appears under its name only when complete, an S3 object only when u
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from clipgs.errors import StorageError
 
@@ -68,22 +71,31 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-def write_bytes(url: str, data: bytes, multipart_mb: int | None = None) -> None:
-    """Write atomically: a reader never sees a half-written object under ``url``."""
-    if is_s3(url):
-        upload_file_bytes(url, data, multipart_mb)
-        return
-    path = local_path(url)
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A file open for writing whose contents appear under ``path`` only when the block ends
+    without an error (else nothing is left). Its temporary name is its own (mkstemp), so
+    writers racing on one path (nodes sharing a disk) never replace each other's half-written
+    file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             os.fchmod(f.fileno(), 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_bytes(url: str, data: bytes, multipart_mb: int | None = None) -> None:
+    """Write atomically: a reader never sees a half-written object under ``url``."""
+    if is_s3(url):
+        upload_file_bytes(url, data, multipart_mb)
+        return
+    with atomic_file(local_path(url)) as f:
+        f.write(data)
 
 
 # Multipart above this size (boto3 uploads the parts in parallel and, on failure, aborts the

@@ -23,12 +23,10 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import pickle
 import random
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,6 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("clipgs.train")
 MARKER = "clipgs_checkpoint.json"
+COPY_CHUNK = 16 * 2**20  # bytes read at a time: checkpoint files can be large
 COPIED = ".clipgs_copied"  # in the mirror only: rank<r> once node r's files are all there
 
 
@@ -115,36 +114,21 @@ def _copy_to(path: Path, url: str) -> None:
         # streams from disk in parts: checkpoint files can be larger than memory allows
         storage.s3_client().upload_file(str(path), bucket, key, Config=TransferConfig(
             multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20))
-    else:
-        dest = storage.local_path(url)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        # a name of its own: nodes that both copy a file (an undetected shared disk) never
-        # replace each other's half-written one
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
-                shutil.copyfileobj(src, out, 16 * 2**20)
-                os.fchmod(out.fileno(), 0o666 & ~storage._UMASK)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    else:  # a name of its own while written: nodes that both copy a file (an undetected
+        # shared disk) never replace each other's half-written one
+        with storage.atomic_file(storage.local_path(url)) as out, open(path, "rb") as src:
+            shutil.copyfileobj(src, out, COPY_CHUNK)
 
 
 def _copy_from(url: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)  # a name of its own: nodes sharing a disk may fetch the same file at once
-    try:
+    # a name of its own while written: nodes sharing a disk may fetch the same file at once
+    with storage.atomic_file(path) as out:
         if storage.is_s3(url):
             bucket, key = storage._split(url)
-            storage.s3_client().download_file(bucket, key, tmp)
+            storage.s3_client().download_fileobj(bucket, key, out)
         else:
-            shutil.copyfile(storage.local_path(url), tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            with open(storage.local_path(url), "rb") as src:
+                shutil.copyfileobj(src, out, COPY_CHUNK)
 
 
 def upload(local_tag_dir: Path, mirror: str, marker: bool) -> None:
