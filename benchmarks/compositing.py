@@ -5,7 +5,8 @@ anchor's views are off, and what float64 costs.
 Views of the shared donut and the 12 shared 10k-gaussian .splat objects at 64 px (the offline
 teacher's) and 224 px (CLIP's), one ring camera each; and the ModelNet10 benchmark cache's own
 views (every 45th test shape, 1024 gaussians, 3 cameras, 64 px, max_radius 2). For each: the
-largest difference in levels of 255 and the share of pixels whose uint8 value differs. Then
+largest difference in levels of 255, the share of pixels whose uint8 value differs and the
+most fragments composited in one view (the length of the running sum). Then
 the time of a view, float64 / float32, medians of alternating rounds on one thread (as ingest
 renders).
 
@@ -15,6 +16,7 @@ renders).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import clipgs.data.views as views_module
 from clipgs.data.formats import load_gaussians
 from clipgs.data.gaussians import resample
 from clipgs.data.sources import voxels_to_gaussians
@@ -30,17 +33,36 @@ from clipgs.data.views import render, ring_cameras, single_thread
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+@contextlib.contextmanager
+def counting_fragments(counts: list[int]):
+    """Record how many fragments each render composites (render calls views.composite)."""
+    composite = views_module.composite
+
+    def counted(pix, *args, **kw):
+        counts.append(len(pix))
+        return composite(pix, *args, **kw)
+
+    views_module.composite = counted
+    try:
+        yield
+    finally:
+        views_module.composite = composite
+
+
 def views(points, camera, size, **kw) -> tuple[np.ndarray, np.ndarray]:
     """(float64 view, float32 view) as uint8."""
     return tuple((render(points, camera, size, accumulate=dt, **kw) * 255).round().byte()
                  .numpy().astype(int) for dt in (torch.float64, torch.float32))
 
 
-def error_row(name: str, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+def error_row(name: str, make_pairs) -> None:
+    counts: list[int] = []
+    with counting_fragments(counts):
+        pairs = make_pairs()
     worst = max(int(np.abs(a - b).max()) for a, b in pairs)
     off = sum(int((a != b).any(-1).sum()) for a, b in pairs)
     total = sum(a.shape[0] * a.shape[1] for a, _ in pairs)
-    print(f"{name:<34} {worst:>5}/255 {100 * off / total:>9.1f}%")
+    print(f"{name:<34} {worst:>5}/255 {100 * off / total:>9.1f}% {max(counts) / 1e6:>10.2f}M")
 
 
 def main() -> None:
@@ -53,17 +75,18 @@ def main() -> None:
     splats = [load_gaussians(f).activated()
               for f in sorted((SHARED / "splats").glob("*/*_10k.splat"))]
     camera = ring_cameras(4)[0]
-    print(f"{'views: float32 against float64':<34} {'worst':>9} {'px differ':>10}")
+    print(f"{'views: float32 against float64':<34} {'worst':>9} {'px differ':>10} "
+          f"{'fragments':>11}")
     with single_thread():
         for size in (64, 224):
-            error_row(f"donut, {size} px", [views(donut, camera, size)])
+            error_row(f"donut, {size} px", lambda: [views(donut, camera, size)])
             error_row(f"{len(splats)} .splat objects, {size} px",
-                      [views(s, camera, size) for s in splats])
+                      lambda: [views(s, camera, size) for s in splats])
         data = np.load(SHARED / "shapes" / "modelnet10.npz", allow_pickle=False)
         grids = data["X_test"][::args.modelnet_every]
-        pairs = [views(resample(voxels_to_gaussians(g).activated(), 1024, rng), r, 64,
-                       max_radius=2) for g in grids for r in ring_cameras(3)]
-        error_row(f"ModelNet10 cache, {len(grids)} shapes", pairs)
+        error_row(f"ModelNet10 cache, {len(grids)} shapes", lambda: [
+            views(resample(voxels_to_gaussians(g).activated(), 1024, rng), r, 64, max_radius=2)
+            for g in grids for r in ring_cameras(3)])
 
         print(f"\n{'time of a view (one thread)':<34} {'float64':>9} {'float32':>9} {'ratio':>7}")
         for name, pts, size in (("bob 10k, 64 px", splats[1], 64),
