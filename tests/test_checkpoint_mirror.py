@@ -105,6 +105,25 @@ def test_a_failed_copy_is_an_error_at_the_next_wait_and_leaves_no_marker(tmp_pat
     assert complete_steps("s3://late/ckpt") == [6]
 
 
+@pytest.mark.parametrize("multipart_mb, parts", [(5, 3), (64, 0)])
+def test_checkpoint_files_upload_in_parts_of_the_configured_size(tmp_path, s3_server,
+                                                                 monkeypatch, multipart_mb,
+                                                                 parts):
+    """``CLIPGS_S3_MULTIPART_MB`` (read into ``storage.MULTIPART_MB``) reaches checkpoint
+    copies too: an 11 MiB file goes up in three parts of 5 MiB, or in one request at 64. The
+    store's ETag says which (a multipart object's ends in ``-<parts>``)."""
+    monkeypatch.setattr(storage, "MULTIPART_MB", multipart_mb)
+    path = tmp_path / "optim_states.pt"
+    data = bytes(range(256)) * (11 * 2**12)
+    path.write_bytes(data)
+    url = f"{s3_server}/ckpt/step0000001/optim_states.pt"
+    checkpoint._copy_to(path, url)
+    assert storage.read_bytes(url) == data
+    bucket, key = storage._split(url)
+    etag = storage.s3_client().head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+    assert (etag.rsplit("-", 1)[1] if "-" in etag else 0) == (str(parts) if parts else 0), etag
+
+
 @pytest.mark.parametrize("where", ["folder", "s3"])
 def test_the_mirror_keeps_its_newest_complete_checkpoints(tmp_path, where, request):
     """Older complete ones and older partial ones (a copy a kill cut short) go; the newest

@@ -104,16 +104,22 @@ MULTIPART_MB = int(os.environ.get("CLIPGS_S3_MULTIPART_MB", 64))
 UPLOAD_ATTEMPTS = 4  # whole-upload retries on top of botocore's per-request retries
 
 
+def transfer_config(multipart_mb: int | None = None):
+    """boto3's transfer settings for every upload (shards, packages, checkpoint files): parts of
+    ``multipart_mb`` MiB, by default ``CLIPGS_S3_MULTIPART_MB`` (64), never under S3's 5."""
+    from boto3.s3.transfer import TransferConfig
+
+    size = max(5, multipart_mb or MULTIPART_MB) * 2**20
+    return TransferConfig(multipart_threshold=size, multipart_chunksize=size)
+
+
 def upload_file_bytes(url: str, data: bytes, multipart_mb: int | None = None) -> None:
     """Upload whole or not at all: a failed upload (botocore's own retries spent) is retried
     from the start with back-off; if every attempt fails, nothing is left under ``url``."""
     import io
 
-    from boto3.s3.transfer import TransferConfig
-
     bucket, key = _split(url)
-    size = max(5, multipart_mb or MULTIPART_MB) * 2**20
-    config = TransferConfig(multipart_threshold=size, multipart_chunksize=size)
+    config = transfer_config(multipart_mb)
     error = None
     for attempt in range(UPLOAD_ATTEMPTS):
         try:

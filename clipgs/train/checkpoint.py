@@ -108,12 +108,10 @@ def _files(url: str) -> list[str]:
 
 def _copy_to(path: Path, url: str) -> None:
     if storage.is_s3(url):
-        from boto3.s3.transfer import TransferConfig
-
         bucket, key = storage._split(url)
         # streams from disk in parts: checkpoint files can be larger than memory allows
-        storage.s3_client().upload_file(str(path), bucket, key, Config=TransferConfig(
-            multipart_threshold=64 * 2**20, multipart_chunksize=64 * 2**20))
+        storage.s3_client().upload_file(str(path), bucket, key,
+                                        Config=storage.transfer_config())
     else:  # a name of its own while written: nodes that both copy a file (an undetected
         # shared disk) never replace each other's half-written one
         with storage.atomic_file(storage.local_path(url)) as out, open(path, "rb") as src:
