@@ -4,9 +4,12 @@ uploads midway, the way a dropped connection does; boto3 is the real client thro
 import io
 import json
 import os
+import time
 
 import numpy as np
+import psutil
 import pytest
+from tqdm import tqdm
 
 from clipgs.config import IngestConfig
 from clipgs.data import shards, storage
@@ -82,13 +85,21 @@ def test_interrupted_ingest_to_s3_resumes(proxied, shared_data, teacher, monkeyp
         storage.write_bytes(f"{src}/{name}/meta.json", json.dumps(
             {"title": name, "split": "train"}).encode())
     monkeypatch.setattr(storage, "UPLOAD_ATTEMPTS", 1)
-    config = IngestConfig(shard_size=1, points=256, views=1)
+    config = IngestConfig(shard_size=1, points=256, views=1, workers=2)
     out = f"{bucket}/shards"
     # shard 0 and its record go through; every later upload is cut midway
     proxy = make(failures=10_000, skip=2, after=1000)
-    with pytest.raises(StorageError):
+    before = {p.pid for p in psutil.Process().children(recursive=True)}  # moto's server
+    with pytest.raises(StorageError) as failed:
         ingest(src, out, config, teacher=teacher)
     assert proxy.cuts > 0
+    # while the traceback (and so ingest's frame) is still held - as a retrying flow holds it -
+    # the reading workers are gone and the progress bar is closed
+    assert failed.traceback and not tqdm._instances
+    deadline = time.monotonic() + 30
+    while {p.pid for p in psutil.Process().children(recursive=True)} - before:
+        assert time.monotonic() < deadline, "ingest's worker processes outlived its failure"
+        time.sleep(0.1)
     proxy.cut = 0
     assert not storage.exists(f"{out}/{shards.MANIFEST}")  # unfinished never looks finished
     again = ingest(src, out, config, teacher=teacher)

@@ -298,29 +298,29 @@ def ingest(source: str, output: str, config: IngestConfig | None = None,
     clock, texts = Stopwatch(), TextCache(teacher)
     start = time.time()
     pending = [a for _, _, items, _, _ in todo for a in items]
-    progress = tqdm(total=len(assets), initial=len(assets) - len(pending), desc="ingest",
-                    unit="obj", mininterval=2.0, smoothing=0.1)
     rejected = sum(len(r["rejects"]) for r in records.values())
     stream = triplets(pending, config, teacher.image_size)
-    for split, name, items, plan_hash, record_url in todo:
-        made = []
-        for asset in items:
-            made.append((asset, next(stream)))
-            clock.add(made[-1][1][2])
-            rejected += made[-1][1][0] is None
-            progress.update(1)
-            progress.set_postfix(rejects=rejected, refresh=False)
-        record = _write_shard(name, made, config, teacher, texts, clock)
-        data = record.pop("_data")
-        record.update(split=split, plan=plan_hash,
-                      versions={a.key: a.version for a in items})
-        with clock("write"):
-            storage.write_bytes(storage.join(output, name), data, config.multipart_mb)  # whole
-            storage.write_bytes(record_url, json.dumps(record).encode())  # then its record
-        records[name] = record
-        written += 1
-    stream.close()
-    progress.close()
+    # closed on the way out of a failed write too: the workers and the progress bar must not
+    # outlive it while something (a retrying flow, a traceback) still holds this frame
+    with tqdm(total=len(assets), initial=len(assets) - len(pending), desc="ingest", unit="obj",
+              mininterval=2.0, smoothing=0.1) as progress, contextlib.closing(stream):
+        for split, name, items, plan_hash, record_url in todo:
+            made = []
+            for asset in items:
+                made.append((asset, next(stream)))
+                clock.add(made[-1][1][2])
+                rejected += made[-1][1][0] is None
+                progress.update(1)
+                progress.set_postfix(rejects=rejected, refresh=False)
+            record = _write_shard(name, made, config, teacher, texts, clock)
+            data = record.pop("_data")
+            record.update(split=split, plan=plan_hash,
+                          versions={a.key: a.version for a in items})
+            with clock("write"):
+                storage.write_bytes(storage.join(output, name), data, config.multipart_mb)  # whole
+                storage.write_bytes(record_url, json.dumps(record).encode())  # then its record
+            records[name] = record
+            written += 1
 
     rejects = [r for rec in records.values() for r in rec["rejects"]]
     storage.write_bytes(storage.join(output, shards.REJECTS),
