@@ -94,13 +94,14 @@ def test_interrupted_ingest_to_s3_resumes(proxied, shared_data, teacher, monkeyp
     with pytest.raises(StorageError) as failed:
         ingest(src, out, config, teacher=teacher)
     assert proxy.cuts > 0
-    # while the traceback (and so ingest's frame) is still held - as a retrying flow holds it -
-    # the reading workers are gone and the progress bar is closed
-    assert failed.traceback and not set(tqdm._instances) - bars
+    # while ``failed`` still holds the traceback (and so ingest's frame) - as a retrying flow
+    # holds it - the reading workers are gone and the progress bar is closed
+    assert not set(tqdm._instances) - bars
     deadline = time.monotonic() + 30
     while {p.pid for p in psutil.Process().children(recursive=True)} - before:
         assert time.monotonic() < deadline, "ingest's worker processes outlived its failure"
         time.sleep(0.1)
+    assert str(failed.value).startswith(f"{out}/"), failed.value  # names the shard it lost
     proxy.cut = 0
     assert not storage.exists(f"{out}/{shards.MANIFEST}")  # unfinished never looks finished
     again = ingest(src, out, config, teacher=teacher)
