@@ -105,7 +105,8 @@ UPLOAD_ATTEMPTS = 4  # whole-upload retries on top of botocore's per-request ret
 
 
 def transfer_config(multipart_mb: int | None = None):
-    """boto3's transfer settings for every upload (shards, packages, checkpoint files): parts of
+    """boto3's transfer settings for every upload of ours (shards, records, manifests, the flow
+    ledger, checkpoint files; packages go through MLflow's artifact store instead): parts of
     ``multipart_mb`` MiB, by default ``CLIPGS_S3_MULTIPART_MB`` (64), never under S3's 5."""
     from boto3.s3.transfer import TransferConfig
 
