@@ -2,6 +2,7 @@
 
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -166,10 +167,13 @@ def _rank(rank: int, world: int, port: int, g_all, t_all, img_all, queue, cfg):
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     n = len(g_all) // world
     g = g_all[rank * n:(rank + 1) * n].clone().requires_grad_()
-    out = ClipGSLoss(cfg)(g, t_all[rank * n:(rank + 1) * n],
-                                                     img_all[rank * n:(rank + 1) * n],
-                                                     torch.tensor(10.0))
-    out["loss"].backward()
+    with warnings.catch_warnings(record=True) as caught:  # no deprecated collective
+        warnings.simplefilter("always")
+        out = ClipGSLoss(cfg)(g, t_all[rank * n:(rank + 1) * n],
+                              img_all[rank * n:(rank + 1) * n], torch.tensor(10.0))
+        out["loss"].backward()
+    stale = [str(w.message) for w in caught
+             if issubclass(w.category, (FutureWarning, DeprecationWarning))]
     # a numpy copy travels by value: a tensor would go as a shared-memory handle that the
     # parent must fetch from this process, which may have exited by then (ECONNRESET)
     # the text->3D half of same_text: 2 x the text loss - the local 3D->text half
@@ -178,7 +182,7 @@ def _rank(rank: int, world: int, port: int, g_all, t_all, img_all, queue, cfg):
         local_a = F.cross_entropy(10.0 * unit @ F.normalize(t_all, dim=-1).T,
                                   torch.arange(n) + rank * n)
         text_to_3d = 2 * out["loss_text"].item() - local_a.item()
-    queue.put((rank, out["loss"].item(), g.grad.numpy().copy(), text_to_3d))
+    queue.put((rank, out["loss"].item(), g.grad.numpy().copy(), text_to_3d, stale))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -214,6 +218,7 @@ def test_gathered_loss_equals_the_global_batch_loss(positives):
         assert p.exitcode == 0
     # the mean of the ranks' losses is the global loss; grads come back summed over ranks
     assert (results[0][0] + results[1][0]) / 2 == pytest.approx(ref["loss"].item(), rel=1e-5)
+    assert results[0][3] == results[1][3] == []  # torch 2.14 deprecates nn.functional's gather
     grad = torch.from_numpy(np.concatenate([results[0][1], results[1][1]]))
     torch.testing.assert_close(grad, 2 * ref_g.grad, atol=1e-5, rtol=1e-4)
     if positives == "same_text":  # every rank reports the whole batch's text->3D half

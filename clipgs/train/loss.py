@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn  # noqa: F401 - all_gather with gradients; not imported by torch
+import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -19,7 +19,12 @@ from clipgs.config import LossConfig
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+    # torch's functional all-gather, as torchtitan uses: differentiable (its backward
+    # reduce-scatters each row's gradient, summed over ranks, back to the rank that made it)
+    # and traceable by torch.compile. torch.distributed.nn.functional.all_gather, which
+    # open_clip uses, is deprecated from torch 2.14: a FutureWarning on every rank's first
+    # step, and refused under compile.
+    return funcol.all_gather_single(x.contiguous(), 0, dist.group.WORLD)
 
 
 def _rank_offset(local: int) -> int:
